@@ -1,0 +1,200 @@
+"""Stage 2: the CapFilt actor. One per GPU, holding the captioner and the ITM filter.
+
+Both models live in one actor so an image crosses the host-device boundary once. Per chunk:
+1. pixels (uint8) go to the device and are normalised there for each model;
+2. the captioner writes `num_captions` captions per image by nucleus sampling, prompted with
+   `prompt`, which is cut from the output by token count (not by string matching);
+3. the ITM model's vision tower runs once per image; its embedding is reused for the web caption
+   and every synthetic caption (the text encoder cross-attends to it), and the match probability
+   is softmax(itm_logits)[1].
+It scores and does not decide: the threshold is applied by the writer, from the stored scores.
+On a machine without CUDA the same code runs on the CPU in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import numpy as np
+
+from pipeline.chunks import Chunk
+from pipeline.config import CaptionerSpec, FilterSpec
+from pipeline.resources import Resources
+
+ITM_MAX_TOKENS = 35  # BLIP truncates text at 35 tokens for ITM; the stored caption stays whole
+NOT_SCORED = math.nan  # transport value for "no web caption to score" (Arrow-friendly, unlike None)
+
+
+class CapFiltStage:
+    """Caption and score a chunk. Construct anywhere (it is picklable); call `setup()` on the worker."""
+
+    def __init__(self, captioner: CaptionerSpec, filter: FilterSpec, resources: Resources) -> None:
+        self.captioner_spec = captioner
+        self.filter_spec = filter
+        self.resources = resources
+        self._models: _Models | None = None
+
+    def setup(self) -> None:
+        self._models = _Models.load(self.captioner_spec.model, self.filter_spec.model)
+
+    @property
+    def device(self) -> str:
+        return self.models.device
+
+    @property
+    def models(self) -> _Models:
+        if self._models is None:
+            raise RuntimeError("CapFiltStage.setup() must run before the stage is called")
+        return self._models
+
+    def __call__(self, chunk: Chunk) -> Chunk:
+        import torch
+
+        ok = [i for i, err in enumerate(chunk["decode_errors"]) if not err]
+        n, k = len(chunk["keys"]), self.captioner_spec.num_captions
+        synthetic: list[list[str]] = [[] for _ in range(n)]
+        synthetic_itm: list[list[float]] = [[] for _ in range(n)]
+        web_itm = [NOT_SCORED] * n
+        if ok:
+            torch.manual_seed(chunk_seed(self.captioner_spec.seed, chunk["shard"], chunk["chunk"]))
+            pixels = torch.from_numpy(np.ascontiguousarray(chunk["pixels"][ok]))
+            with torch.inference_mode():
+                captions = self.caption(pixels)
+                texts, owners = [], []
+                for j, i in enumerate(ok):
+                    web = chunk["captions"][i]
+                    if web.strip():
+                        texts.append(web)
+                        owners.append((i, None))
+                    for c, text in enumerate(captions[j * k : (j + 1) * k]):
+                        synthetic[i].append(text)
+                        texts.append(text)
+                        owners.append((i, c))
+                image_index = [ok.index(i) for i, _ in owners]
+                scores = self.itm(pixels, texts, image_index)
+            for (i, c), score in zip(owners, scores, strict=True):
+                if c is None:
+                    web_itm[i] = score
+                else:
+                    synthetic_itm[i].append(score)
+        return {
+            "shard": chunk["shard"],
+            "chunk": chunk["chunk"],
+            "keys": chunk["keys"],
+            "decode_errors": chunk["decode_errors"],
+            "synthetic_captions": synthetic,
+            "caption_itm": web_itm,
+            "synthetic_itm": synthetic_itm,
+        }
+
+    def caption(self, pixels: Any) -> list[str]:
+        """`num_captions` sampled captions per image, image-major, prompt removed."""
+        m, spec = self.models, self.captioner_spec
+        prompt = m.captioner_tokenizer(spec.prompt, return_tensors="pt").input_ids
+        # BLIP's generate drops the prompt's trailing [SEP] and returns prompt + new tokens.
+        prefix = prompt.shape[1] - 1
+        out = m.captioner.generate(
+            pixel_values=m.captioner_pixels(pixels),
+            input_ids=prompt.repeat(pixels.shape[0], 1).to(m.device),
+            do_sample=True,
+            top_p=spec.top_p,
+            num_return_sequences=spec.num_captions,
+            repetition_penalty=spec.repetition_penalty,
+            min_length=spec.min_length,
+            max_length=spec.max_length,
+        )
+        texts = m.captioner_tokenizer.batch_decode(out[:, prefix:], skip_special_tokens=True)
+        return [" ".join(t.split()) for t in texts]
+
+    def itm(self, pixels: Any, texts: list[str], image_index: list[int]) -> list[float]:
+        """Match probability of each text with its image; one vision pass per image."""
+        import torch
+
+        m = self.models
+        image_embeds = m.itm_model.vision_model(pixel_values=m.itm_pixels(pixels))[0]
+        scores: list[float] = []
+        step = self.filter_spec.batch_size
+        for start in range(0, len(texts), step):
+            tokens = m.itm_tokenizer(
+                texts[start : start + step],
+                padding="longest",
+                truncation=True,
+                max_length=ITM_MAX_TOKENS,
+                return_tensors="pt",
+            ).to(m.device)
+            embeds = image_embeds[torch.tensor(image_index[start : start + step], device=m.device)]
+            encoded = m.itm_model.text_encoder(
+                input_ids=tokens.input_ids,
+                attention_mask=tokens.attention_mask,
+                encoder_hidden_states=embeds,
+                encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=m.device),
+            ).last_hidden_state
+            logits = m.itm_model.itm_head(encoded[:, 0, :])
+            scores.extend(logits.float().softmax(dim=-1)[:, 1].tolist())
+        return scores
+
+
+def chunk_seed(seed: int, shard: str, chunk: int) -> int:
+    """A sampling seed that depends only on the job's seed and the chunk's place in the data."""
+    digest = hashlib.sha256(f"{seed}:{shard}:{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class _Models:
+    """Both BLIP models with their processors, on one device, and the on-device normalisation."""
+
+    def __init__(self, captioner: Any, captioner_processor: Any, itm_model: Any, itm_processor: Any,
+                 device: str, dtype: Any) -> None:  # fmt: skip
+        self.captioner, self.itm_model = captioner, itm_model
+        self.captioner_tokenizer = captioner_processor.tokenizer
+        self.itm_tokenizer = itm_processor.tokenizer
+        self.device, self.dtype = device, dtype
+        self._captioner_norm = _Normaliser(captioner_processor.image_processor, device, dtype)
+        self._itm_norm = _Normaliser(itm_processor.image_processor, device, dtype)
+
+    @classmethod
+    def load(cls, captioner_name: str, itm_name: str) -> _Models:
+        import torch
+        from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        captioner = BlipForConditionalGeneration.from_pretrained(captioner_name, dtype=dtype)
+        itm_model = BlipForImageTextRetrieval.from_pretrained(itm_name, dtype=dtype)
+        return cls(
+            captioner.to(device).eval(),
+            AutoProcessor.from_pretrained(captioner_name),
+            itm_model.to(device).eval(),
+            AutoProcessor.from_pretrained(itm_name),
+            device,
+            dtype,
+        )
+
+    def captioner_pixels(self, pixels: Any) -> Any:
+        return self._captioner_norm(pixels)
+
+    def itm_pixels(self, pixels: Any) -> Any:
+        return self._itm_norm(pixels)
+
+
+class _Normaliser:
+    """uint8 NHWC on the host -> normalised NCHW on the device, as BlipImageProcessor would do."""
+
+    def __init__(self, image_processor: Any, device: str, dtype: Any) -> None:
+        import torch
+
+        self.size = (image_processor.size["height"], image_processor.size["width"])
+        self.scale = float(image_processor.rescale_factor)
+        self.mean = torch.tensor(image_processor.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(image_processor.image_std, device=device).view(1, 3, 1, 1)
+        self.device, self.dtype = device, dtype
+
+    def __call__(self, pixels: Any) -> Any:
+        import torch.nn.functional as F
+
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() * self.scale
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False, antialias=True)
+        return ((x - self.mean) / self.std).to(self.dtype)

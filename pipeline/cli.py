@@ -1,0 +1,84 @@
+"""The `capfilt` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.config import SpecError, load_spec
+
+USAGE_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except SpecError as err:
+        print(f"capfilt: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("capfilt: interrupted; finished shards are kept, run again to resume", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_job
+    from pipeline.summary import format_summary
+
+    spec = load_spec(args.job, overrides=args.set)
+    result = run_job(spec, address=args.address or os.environ.get("RAY_ADDRESS"))
+    print(format_summary(result.manifest, spec.output.path))
+    return 0 if result.complete else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+    from pipeline.summary import format_summary
+
+    started = time.monotonic()
+    result = run_demo(Path(args.out), good_rows=args.rows, address=args.address)
+    print(format_summary(result.manifest, str(result.layout.root)))
+    print(f"demo finished in {time.monotonic() - started:.0f} s; models in {args.out}/models, "
+          f"try: capfilt run jobs/local-tiny.yaml --set output.path=...")  # fmt: skip
+    return 0 if result.complete else 1
+
+
+def _tiny_models(args: argparse.Namespace) -> int:
+    from pipeline.tiny_models import write_tiny_models
+
+    paths = write_tiny_models(Path(args.dir), seed=args.seed)
+    print(f"captioner: {paths.captioner}\nfilter:    {paths.itm}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capfilt", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"capfilt {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run or resume a job (on a local Ray unless --address/RAY_ADDRESS)")
+    run.add_argument("job", help="job spec YAML")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    run.add_argument("--address", help="Ray address of a running cluster")
+    run.set_defaults(handler=_run)
+
+    demo = commands.add_parser("demo", help="an offline end-to-end run on generated images and tiny models")
+    demo.add_argument("--out", default="demo", help="where to write models, URL list and output")
+    demo.add_argument("--rows", type=int, default=48, help="ordinary images (hostile cases are added)")
+    demo.add_argument("--address", help="Ray address of a running cluster")
+    demo.set_defaults(handler=_demo)
+
+    tiny = commands.add_parser("tiny-models", help="write a tiny random BLIP captioner and ITM model")
+    tiny.add_argument("dir", help="writes DIR/captioner and DIR/itm")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_tiny_models)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Stage 1: download the prepared URL list with img2dataset, distributed on the job's Ray.
+
+img2dataset writes `downloads/NNNNN.tar` (WebDataset of the resized images), `NNNNN.parquet` (a
+row per sample, failed ones included, with `status` and `error_message`) and `NNNNN_stats.json`,
+its done marker: re-running skips shards that have one (`incremental_mode`). Shard `i` holds rows
+`i * shard_size ...` of `_input.parquet`, in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pipeline.config import JobSpec
+from pipeline.layout import OutputLayout
+from pipeline.url_list import CARRIED_COLUMNS
+
+# img2dataset's own statuses, and the message it gives a response refused by its X-Robots-Tag rule.
+DOWNLOADED = "success"
+UNDECODABLE = "failed_to_resize"
+OPT_OUT_ERROR = "Use of image disallowed by X-Robots-Tag directive"
+
+
+@dataclass(frozen=True)
+class DownloadStage:
+    spec: JobSpec
+    layout: OutputLayout
+
+    def arguments(self) -> dict:
+        """img2dataset.download's arguments for this job (the distributor is the runner's choice)."""
+        d = self.spec.download
+        return {
+            "url_list": str(self.layout.prepared_input),
+            "input_format": "parquet",
+            "url_col": "url",
+            "caption_col": None,
+            "save_additional_columns": list(CARRIED_COLUMNS),
+            "output_folder": str(self.layout.downloads),
+            "output_format": "webdataset",
+            "image_size": d.image_size,
+            "resize_mode": d.resize_mode,
+            "resize_only_if_bigger": True,
+            "encode_format": "jpg",
+            "encode_quality": 95,
+            "timeout": d.timeout,
+            "retries": d.retries,
+            "thread_count": d.thread_count,
+            "processes_count": 1,
+            "number_sample_per_shard": self.spec.output.shard_size,
+            "oom_shard_count": 5,
+            "compute_hash": "sha256",
+            "extract_exif": False,
+            "user_agent_token": d.user_agent_token,
+            "disallowed_header_directives": list(d.disallowed_header_directives),
+            "incremental_mode": "incremental",
+            "enable_wandb": False,
+        }
+
+    def run(self, distributor: str) -> None:
+        import img2dataset
+
+        with _keep_sigint_handler():
+            img2dataset.download(**self.arguments(), distributor=distributor)
+
+
+@contextlib.contextmanager
+def _keep_sigint_handler() -> Iterator[None]:
+    """img2dataset installs a SIGINT handler that exits with status 0; a later Ctrl-C must not."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,49 @@
+"""CPU step: JPEG bytes to uint8 pixels at the captioner's input size.
+
+Runs on CPU workers so the GPU actor never waits on decoding. Pixels cross the process boundary
+as uint8 (a quarter of float32); rescaling and normalisation happen on the device, inside the
+CapFilt actor. The resize matches `BlipImageProcessor` (PIL, bicubic, RGB).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from PIL import Image
+
+from pipeline.chunks import Chunk
+from pipeline.resources import Resources
+
+
+@dataclass(frozen=True)
+class PreprocessStage:
+    height: int
+    width: int
+    resources: ClassVar[Resources] = Resources(cpus=1)
+
+    @classmethod
+    def for_model(cls, model: str) -> PreprocessStage:
+        """The input size the captioner's image processor asks for (reads its config only)."""
+        from transformers import AutoImageProcessor
+
+        size = AutoImageProcessor.from_pretrained(model).size
+        return cls(height=size["height"], width=size["width"])
+
+    def __call__(self, chunk: Chunk) -> Chunk:
+        pixels = np.zeros((len(chunk["keys"]), self.height, self.width, 3), dtype=np.uint8)
+        errors = []
+        for i, data in enumerate(chunk.pop("jpegs")):
+            try:
+                pixels[i] = self.decode(data)
+                errors.append("")
+            except Exception as err:  # any decoder failure is this row's fate, not the job's
+                errors.append(f"decode: {type(err).__name__}: {err}")
+        return {**chunk, "pixels": pixels, "decode_errors": errors}
+
+    def decode(self, data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = image.convert("RGB").resize((self.width, self.height), Image.Resampling.BICUBIC)
+            return np.asarray(rgb, dtype=np.uint8)

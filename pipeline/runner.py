@@ -1,0 +1,168 @@
+"""Runs a job: wires the stages onto Ray. The only module that knows Ray.
+
+    prepare (driver) -> download (img2dataset, Ray tasks) -> read chunks -> preprocess (CPU tasks)
+    -> CapFilt actors (one per GPU) -> results stream back to the driver, grouped by shard
+    -> as soon as a shard's last chunk arrives, a Ray task writes it.
+
+Results carry captions and scores only; the writer takes the image bytes from the raw shard, so
+images never pass through the driver. Shards already written by the same spec are skipped, so a
+re-run resumes; a shard that fails is reported in the manifest and the others still finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.capfilt_stage import CapFiltStage
+from pipeline.chunks import Chunk, ChunkReader, chunk_count
+from pipeline.config import JobSpec
+from pipeline.download import DownloadStage
+from pipeline.layout import OutputLayout, write_json_atomically
+from pipeline.manifest import build_manifest, check_accounting
+from pipeline.preprocess import PreprocessStage
+from pipeline.resources import Resources
+from pipeline.shard_writer import ShardWriter, scores_by_key
+from pipeline.url_list import check_columns, prepare
+
+Log = Callable[[str], None]
+WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass(frozen=True)
+class JobResult:
+    manifest: dict[str, Any]
+    layout: OutputLayout
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+
+def run_job(spec: JobSpec, address: str | None = None, log: Log = print) -> JobResult:
+    """Run (or resume) a job to the end and write its manifest."""
+    layout = OutputLayout(Path(spec.output.path))
+    check_columns(spec.input)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    fingerprint = spec.fingerprint()
+    with ray_session(address):
+        rows = prepare(spec.input, spec.download.allow_private_networks, layout.prepared_input, fingerprint)
+        names = [f"{i:05d}" for i in range(math.ceil(rows / spec.output.shard_size))]
+        if rows:
+            DownloadStage(spec, layout).run(distributor="ray")
+        downloaded = set(layout.downloaded_shards())
+        unfinished = "download did not finish; run the job again to retry"
+        errors = {n: unfinished for n in names if n not in downloaded}
+        reports = {n: r for n in names if (r := layout.finished_report(n, fingerprint)) is not None}
+        pending = [n for n in names if n in downloaded and n not in reports]
+        log(f"capfilt: {rows} input rows in {len(names)} shards: {len(reports)} already done, "
+            f"{len(pending)} to caption and filter, {len(errors)} not downloaded")  # fmt: skip
+        if pending:
+            written, failed = _capfilt(spec, layout, pending, fingerprint, log)
+            reports.update(written)
+            errors.update(failed)
+    manifest = build_manifest(spec, rows, names, reports, errors)
+    write_json_atomically(layout.manifest, manifest)
+    check_accounting(manifest)
+    return JobResult(manifest, layout)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Use the Ray already connected, else connect to `address` / RAY_ADDRESS, else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _capfilt(
+    spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint: str, log: Log
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    import ray
+
+    batch_size = spec.captioner.batch_size
+    expected = {name: chunk_count(layout, name, batch_size) for name in shards}
+    writer = ShardWriter(layout, spec.filter.threshold, fingerprint)
+    write = ray.remote(num_cpus=writer.resources.cpus)(_write_shard)
+    writes = {name: write.remote(writer, name, []) for name in shards if expected[name] == 0}
+    errors: dict[str, str] = {}
+    to_score = [name for name in shards if expected[name] > 0]
+    if to_score:
+        stage = CapFiltStage(spec.captioner, spec.filter, _actor_resources(spec, log))
+        preprocess = PreprocessStage.for_model(spec.captioner.model)
+        actors = spec.resources.actors or _actors_for(stage.resources)
+        ds = (
+            ray.data.from_items([{"shard": name} for name in to_score])
+            .flat_map(ChunkReader(layout, batch_size), num_cpus=0.25)
+            .map(preprocess, num_cpus=preprocess.resources.cpus)
+            .map(
+                _StageActor,
+                fn_constructor_args=(stage,),
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=stage.resources.cpus,
+                num_gpus=stage.resources.gpus,
+            )
+        )
+        arrived: dict[str, list[Chunk]] = defaultdict(list)
+        try:
+            for chunk in ds.iter_rows():
+                name = chunk["shard"]
+                arrived[name].append(dict(chunk))
+                if len(arrived[name]) == expected[name]:
+                    writes[name] = write.remote(writer, name, arrived.pop(name))
+        except Exception as err:  # the stage failed: finished shards stay, the rest are reported
+            reason = f"caption/filter stage failed: {' '.join(str(err).split())[:500]}"
+            log(f"capfilt: {reason}")
+            errors.update({name: reason for name in to_score if name not in writes})
+    reports = {}
+    for name, ref in writes.items():
+        try:
+            reports[name] = ray.get(ref)
+        except Exception as err:
+            errors[name] = f"writing the shard failed: {' '.join(str(err).split())[:500]}"
+    return reports, errors
+
+
+def _write_shard(writer: ShardWriter, shard: str, chunks: list[Chunk]) -> dict[str, Any]:
+    return writer.write(shard, scores_by_key(chunks))
+
+
+class _StageActor:
+    """Ray Data's callable-class protocol around a plain stage: models load once per actor."""
+
+    def __init__(self, stage: CapFiltStage) -> None:
+        stage.setup()
+        self.stage = stage
+
+    def __call__(self, row: Chunk) -> Chunk:
+        return self.stage(row)
+
+
+def _actor_resources(spec: JobSpec, log: Log) -> Resources:
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) == 0:
+        log("capfilt: no GPUs in the Ray cluster: CapFilt actors run on the CPU (float32)")
+        return Resources(cpus=spec.resources.cpus_per_actor, gpus=0)
+    return Resources(cpus=spec.resources.cpus_per_actor, gpus=spec.resources.gpus_per_actor)
+
+
+def _actors_for(resources: Resources) -> int:
+    """One actor per `gpus_per_actor` GPUs in the cluster; one when it has none."""
+    import ray
+
+    if resources.gpus == 0:
+        return 1
+    return max(1, int(ray.cluster_resources().get("GPU", 0) // resources.gpus))

@@ -1,0 +1,148 @@
+"""Stage 3: write output shard i from raw shard i and its scores.
+
+Here every input row gets its one fate (from the policy verdict, img2dataset's status, the decode
+result, or the keep rule), so this is the one place rows can be lost, and it refuses to be:
+a downloaded row without scores is an error, not a silent drop. The tar (kept samples only) and
+the Parquet (every row) are written under temporary names and renamed; the report, the
+completion marker, goes last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tarfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from pipeline.chunks import Chunk
+from pipeline.decide import candidates, decide
+from pipeline.download import DOWNLOADED, OPT_OUT_ERROR, UNDECODABLE
+from pipeline.fates import Fate, count_fates
+from pipeline.layout import OutputLayout, temporary_name, write_json_atomically
+from pipeline.records import SHARD_SCHEMA
+from pipeline.resources import Resources
+from pipeline.url_list import CAPTION, ERROR, FATE, URL
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the CapFilt actor returned for one downloaded row."""
+
+    decode_error: str
+    synthetic_captions: list[str]
+    caption_itm: float | None
+    synthetic_itm: list[float]
+
+
+def scores_by_key(chunks: Iterable[Chunk]) -> dict[str, Scores]:
+    found = {}
+    for c in chunks:
+        for i, key in enumerate(c["keys"]):
+            web = c["caption_itm"][i]
+            found[key] = Scores(
+                decode_error=c["decode_errors"][i],
+                synthetic_captions=list(c["synthetic_captions"][i]),
+                caption_itm=None if web is None or math.isnan(web) else float(web),
+                synthetic_itm=[float(s) for s in c["synthetic_itm"][i]],
+            )
+    return found
+
+
+@dataclass(frozen=True)
+class ShardWriter:
+    layout: OutputLayout
+    threshold: float
+    fingerprint: str
+    resources: ClassVar[Resources] = Resources(cpus=0.5)
+
+    def write(self, shard: str, scores: Mapping[str, Scores]) -> dict[str, Any]:
+        """Write the shard and return its report (also written as the completion marker)."""
+        raw = pq.read_table(self.layout.raw_parquet(shard)).to_pylist()
+        records = sorted((self.record(row, scores.get(row["key"])) for row in raw), key=lambda r: r["key"])
+        kept = {r["key"]: r for r in records if r["status"] == Fate.KEPT}
+        self.layout.shards.mkdir(parents=True, exist_ok=True)
+        self._write_tar(shard, kept)
+        parquet = self.layout.shard_parquet(shard)
+        pq.write_table(pa.Table.from_pylist(records, schema=SHARD_SCHEMA), temporary_name(parquet))
+        os.replace(temporary_name(parquet), parquet)
+        report = {
+            "shard": shard,
+            "fingerprint": self.fingerprint,
+            "rows": len(records),
+            "counts": count_fates(r["status"] for r in records),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_json_atomically(self.layout.shard_report(shard), report)
+        return report
+
+    def record(self, row: dict[str, Any], scores: Scores | None) -> Record:
+        """The output row of one input row: its fate, error and, when downloaded, its scores."""
+        record: Record = {
+            "key": row["key"],
+            "url": row[URL],
+            "caption": row[CAPTION],
+            "status": None,
+            "error": None,
+            "width": None,
+            "height": None,
+            "sha256": None,
+            "synthetic_captions": None,
+            "caption_itm": None,
+            "synthetic_itm": None,
+            "kept_captions": None,
+            "selected_caption": None,
+        }
+        status = row["status"]
+        if row[FATE]:
+            return {**record, "status": Fate(row[FATE]).value, "error": row[ERROR]}
+        if status == UNDECODABLE:
+            return {**record, "status": Fate.DECODE_FAILED.value, "error": row["error_message"]}
+        if status != DOWNLOADED:
+            error = row["error_message"] or status
+            fate = Fate.BLOCKED if error == OPT_OUT_ERROR else Fate.DOWNLOAD_FAILED
+            return {
+                **record,
+                "status": fate.value,
+                "error": f"opt-out: {error}" if fate == Fate.BLOCKED else error,
+            }
+        if scores is None:
+            raise RuntimeError(f"row {row['key']} was downloaded but never scored")
+        record.update(width=row["width"], height=row["height"], sha256=row["sha256"])
+        if scores.decode_error:
+            return {**record, "status": Fate.DECODE_FAILED.value, "error": scores.decode_error}
+        found = candidates(row[CAPTION], scores.caption_itm, scores.synthetic_captions, scores.synthetic_itm)
+        kept, selected = decide(found, self.threshold)
+        return {
+            **record,
+            "status": (Fate.KEPT if kept else Fate.FILTERED).value,
+            "synthetic_captions": scores.synthetic_captions,
+            "caption_itm": scores.caption_itm,
+            "synthetic_itm": scores.synthetic_itm,
+            "kept_captions": [{"text": c.text, "source": c.source, "itm": c.itm} for c in kept],
+            "selected_caption": selected,
+        }
+
+    def _write_tar(self, shard: str, kept: Mapping[str, Record]) -> None:
+        """KEY.jpg (the downloaded bytes, untouched), KEY.json (the full record), KEY.txt (selected)."""
+        path = self.layout.shard_tar(shard)
+        images = {}
+        with tarfile.open(self.layout.raw_tar(shard)) as raw:
+            for member in raw:
+                key, _, ext = member.name.partition(".")
+                if ext == "jpg" and key in kept:
+                    images[key] = raw.extractfile(member).read()  # type: ignore[union-attr]
+        with open(temporary_name(path), "wb") as stream, wds.TarWriter(stream) as sink:
+            for key, record in kept.items():
+                sink.write({"__key__": key, "jpg": images[key], "json": json.dumps(record).encode(),
+                            "txt": record["selected_caption"].encode()})  # fmt: skip
+        os.replace(temporary_name(path), path)

@@ -1,0 +1,136 @@
+"""The user's URL list, read in any supported format and prepared for img2dataset.
+
+Preparing does three things: it checks the columns before any work starts, gives every row its
+policy verdict (`urlpolicy`), and writes `_input.parquet`, whose rows map one-to-one, in order, to
+img2dataset's samples. A row that must not be fetched gets an empty `url` (img2dataset fails it at
+once, without a request) and its verdict travels in `capfilt_*` columns, so it still comes out of
+the download as a row of its shard and ends with its own fate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from pipeline.config import InputSpec, SpecError
+from pipeline.layout import temporary_name
+from pipeline.urlpolicy import check_urls
+
+URL = "capfilt_url"
+CAPTION = "capfilt_caption"
+FATE = "capfilt_fate"
+ERROR = "capfilt_error"
+CARRIED_COLUMNS = [URL, CAPTION, FATE, ERROR]
+FINGERPRINT_KEY = b"capfilt_fingerprint"
+
+PREPARED_SCHEMA = pa.schema([(name, pa.string()) for name in ["url", *CARRIED_COLUMNS]])
+
+_BATCH_ROWS = 65536
+
+
+def read_batches(spec: InputSpec) -> Iterator[pa.RecordBatch]:
+    """The URL list as record batches of (url, caption) strings, streamed."""
+    columns = [spec.url_col] + ([spec.caption_col] if spec.caption_col else [])
+    for batch in _raw_batches(spec, columns):
+        arrays = [_as_strings(batch.column(name)) for name in columns]
+        if not spec.caption_col:
+            arrays.append(pa.nulls(batch.num_rows, pa.string()))
+        yield pa.RecordBatch.from_arrays(arrays, names=["url", "caption"])
+
+
+def check_columns(spec: InputSpec) -> None:
+    """Fail before any work when the list cannot be read or lacks a named column."""
+    found = _column_names(spec)
+    for key, name in (("input.url_col", spec.url_col), ("input.caption_col", spec.caption_col)):
+        if name and name not in found:
+            raise SpecError(
+                f"{key}: column {name!r} not found in {spec.url_list} (columns: {', '.join(found) or 'none'})"
+            )
+
+
+def prepare(spec: InputSpec, allow_private_networks: bool, out: Path, fingerprint: str) -> int:
+    """Write img2dataset's input list to `out`; return the number of input rows.
+
+    Reuses an existing file made by the same spec, so a resumed job neither re-reads the list
+    nor re-resolves its hosts.
+    """
+    if out.exists():
+        existing = pq.ParquetFile(out)
+        if (existing.schema_arrow.metadata or {}).get(FINGERPRINT_KEY) == fingerprint.encode():
+            return existing.metadata.num_rows
+    schema = PREPARED_SCHEMA.with_metadata({FINGERPRINT_KEY: fingerprint.encode()})
+    tmp = temporary_name(out)
+    rows = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for batch in read_batches(spec):
+            urls = batch.column("url").to_pylist()
+            verdicts = check_urls(urls, allow_private_networks)
+            writer.write_batch(
+                pa.RecordBatch.from_pylist(
+                    [
+                        {
+                            "url": "" if v is not None else u.strip(),
+                            URL: u,
+                            CAPTION: c,
+                            FATE: v.fate.value if v is not None else None,
+                            ERROR: v.error if v is not None else None,
+                        }
+                        for u, c, v in zip(urls, batch.column("caption").to_pylist(), verdicts, strict=True)
+                    ],
+                    schema=schema,
+                )
+            )
+            rows += batch.num_rows
+    tmp.replace(out)
+    return rows
+
+
+def _raw_batches(spec: InputSpec, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    path = spec.url_list
+    try:
+        if spec.input_format == "parquet":
+            yield from pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=columns)
+        elif spec.input_format in ("csv", "tsv"):
+            reader = pa_csv.open_csv(
+                path,
+                parse_options=pa_csv.ParseOptions(delimiter="\t" if spec.input_format == "tsv" else ","),
+                convert_options=pa_csv.ConvertOptions(
+                    include_columns=columns, column_types=dict.fromkeys(columns, pa.string())
+                ),
+            )
+            yield from reader
+        else:
+            yield from pa_json.read_json(path).select(columns).to_batches(_BATCH_ROWS)
+    except (pa.ArrowInvalid, OSError, KeyError) as err:
+        raise _unreadable(spec, err) from None
+
+
+def _column_names(spec: InputSpec) -> list[str]:
+    path = spec.url_list
+    try:
+        if spec.input_format == "parquet":
+            return pq.read_schema(path).names
+        if spec.input_format in ("csv", "tsv"):
+            delimiter = "\t" if spec.input_format == "tsv" else ","
+            return pa_csv.open_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter)).schema.names
+        return pa_json.read_json(path).schema.names
+    except (pa.ArrowInvalid, OSError) as err:
+        raise _unreadable(spec, err) from None
+
+
+def _as_strings(column: pa.Array) -> pa.Array:
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.string())
+    if pa.types.is_null(column.type):
+        return pa.nulls(len(column), pa.string())
+    return pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
+
+
+def _unreadable(spec: InputSpec, err: Exception) -> SpecError:
+    reason = " ".join(str(err).split())
+    return SpecError(f"input.url_list: cannot read {spec.url_list} as {spec.input_format}: {reason}")
