@@ -24,7 +24,7 @@ from pipeline.config import CaptionerSpec, FilterSpec
 from pipeline.resources import Resources
 
 ITM_MAX_TOKENS = 35  # BLIP truncates text at 35 tokens for ITM; the stored caption stays whole
-NOT_SCORED = math.nan  # transport value for "no web caption to score" (Arrow-friendly, unlike None)
+NOT_SCORED = math.nan  # transport value for "not scored" (Arrow-typed, unlike None)
 
 
 class CapFiltStage:
@@ -54,8 +54,9 @@ class CapFiltStage:
 
         ok = [i for i, err in enumerate(chunk["decode_errors"]) if not err]
         n, k = len(chunk["keys"]), self.captioner_spec.num_captions
-        synthetic: list[list[str]] = [[] for _ in range(n)]
-        synthetic_itm: list[list[float]] = [[] for _ in range(n)]
+        # Fixed shapes (k per row, NaN for "not scored") keep the Arrow types the same in every block.
+        synthetic: list[list[str]] = [[""] * k for _ in range(n)]
+        synthetic_itm: list[list[float]] = [[NOT_SCORED] * k for _ in range(n)]
         web_itm = [NOT_SCORED] * n
         if ok:
             torch.manual_seed(chunk_seed(self.captioner_spec.seed, chunk["shard"], chunk["chunk"]))
@@ -69,7 +70,7 @@ class CapFiltStage:
                         texts.append(web)
                         owners.append((i, None))
                     for c, text in enumerate(captions[j * k : (j + 1) * k]):
-                        synthetic[i].append(text)
+                        synthetic[i][c] = text
                         texts.append(text)
                         owners.append((i, c))
                 image_index = [ok.index(i) for i, _ in owners]
@@ -78,7 +79,7 @@ class CapFiltStage:
                 if c is None:
                     web_itm[i] = score
                 else:
-                    synthetic_itm[i].append(score)
+                    synthetic_itm[i][c] = score
         return {
             "shard": chunk["shard"],
             "chunk": chunk["chunk"],

@@ -50,8 +50,8 @@ def scores_by_key(chunks: Iterable[Chunk]) -> dict[str, Scores]:
         for i, key in enumerate(c["keys"]):
             web = c["caption_itm"][i]
             found[key] = Scores(
-                decode_error=c["decode_errors"][i],
-                synthetic_captions=list(c["synthetic_captions"][i]),
+                decode_error=str(c["decode_errors"][i]),
+                synthetic_captions=[str(t) for t in c["synthetic_captions"][i]],
                 caption_itm=None if web is None or math.isnan(web) else float(web),
                 synthetic_itm=[float(s) for s in c["synthetic_itm"][i]],
             )

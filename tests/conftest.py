@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny BLIP checkpoints, a sample web served on 127.0.0.1, one local Ray.
+
+Everything is real: models built with `save_pretrained` and loaded with `from_pretrained`,
+images fetched over HTTP from a server the tests start, a real Ray started on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import JobSpec, spec_from_dict
+from pipeline.sample_web import SamplePair, StaticSite, sample_web
+from pipeline.tiny_models import TinyModelPaths, write_tiny_models
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModelPaths:
+    return write_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def web() -> Iterator[tuple[StaticSite, list[SamplePair]]]:
+    pairs = sample_web(n_good=40, seed=1)
+    with StaticSite({p.path: p.route for p in pairs}) as site:
+        yield site, pairs
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    import ray
+
+    from pipeline.runner import WORKER_ENV
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def make_spec(
+    tmp_path: Path,
+    rows: list[tuple[Any, Any]],
+    models: TinyModelPaths,
+    out: str = "out",
+    **sections: dict[str, Any],
+) -> JobSpec:
+    """A job over `rows` of (url, caption), written as a Parquet URL list, with the tiny models."""
+    url_list = tmp_path / "urls.parquet"
+    if not url_list.exists():
+        urls, captions = zip(*rows, strict=True) if rows else ((), ())
+        table = pa.table({"url": pa.array(urls, pa.string()), "caption": pa.array(captions, pa.string())})
+        pq.write_table(table, url_list)
+    raw: dict[str, Any] = {
+        "input": {"url_list": str(url_list)},
+        "download": {"image_size": 64, "timeout": 5, "thread_count": 8, "allow_private_networks": True},
+        "captioner": {"model": str(models.captioner), "num_captions": 2, "batch_size": 8, "max_length": 12},
+        "filter": {"model": str(models.itm), "batch_size": 32},
+        "resources": {"actors": 1},
+        "output": {"path": str(tmp_path / out), "shard_size": 16},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return spec_from_dict(raw)

@@ -1,0 +1,109 @@
+"""The CapFilt actor's model code on real tiny BLIP checkpoints, without Ray.
+
+These pin down the wiring the filter's correctness rests on: the on-device normalisation equals
+BlipImageProcessor, the reused ITM vision embedding gives the same probabilities as the plain HF
+forward pass, the prompt is cut from captions, and sampling is seeded by the chunk.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, BlipForImageTextRetrieval
+
+from pipeline.capfilt_stage import CapFiltStage, chunk_seed
+from pipeline.config import CaptionerSpec, FilterSpec
+from pipeline.preprocess import PreprocessStage
+from pipeline.resources import Resources
+from pipeline.sample_web import jpeg_bytes, render_scene
+
+
+@pytest.fixture(scope="module")
+def stage(tiny_models) -> CapFiltStage:
+    s = CapFiltStage(
+        CaptionerSpec(model=str(tiny_models.captioner), num_captions=3, max_length=12, min_length=4),
+        FilterSpec(model=str(tiny_models.itm), batch_size=4),
+        Resources(),
+    )
+    s.setup()
+    return s
+
+
+def _chunk(tiny_models, n: int, shard: str = "00000", index: int = 0, broken: int | None = None) -> dict:
+    pre = PreprocessStage.for_model(str(tiny_models.captioner))
+    scenes = [render_scene(seed) for seed in range(n)]
+    jpegs = [jpeg_bytes(image) for image, _ in scenes]
+    if broken is not None:
+        jpegs[broken] = b"\xff\xd8 not really a jpeg"
+    captions = [caption for _, caption in scenes]
+    captions[-1] = "  "  # an empty web caption is not scored
+    chunk = {"shard": shard, "chunk": index, "keys": [f"{i:04d}" for i in range(n)], "jpegs": jpegs,
+             "captions": captions}  # fmt: skip
+    return pre(chunk)
+
+
+def test_device_normalisation_equals_blip_image_processor(tiny_models, stage):
+    image, _ = render_scene(7, size=90)
+    pre = PreprocessStage.for_model(str(tiny_models.captioner))
+    pixels = torch.from_numpy(pre.decode(jpeg_bytes(image))[None])
+    ours = stage.models.captioner_pixels(pixels)
+    reference = AutoProcessor.from_pretrained(tiny_models.captioner)(
+        images=Image.open(io.BytesIO(jpeg_bytes(image))), return_tensors="pt"
+    ).pixel_values
+    assert ours.shape == reference.shape
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_itm_with_reused_vision_embedding_equals_the_plain_forward(tiny_models, stage):
+    chunk = _chunk(tiny_models, 3)
+    pixels = torch.from_numpy(chunk["pixels"])
+    texts = ["a red circle", "a blue square on a white background", "photo", "a green triangle", "a"]
+    owners = [0, 0, 1, 2, 2]
+    ours = stage.itm(pixels, texts, owners)
+
+    model = BlipForImageTextRetrieval.from_pretrained(tiny_models.itm).eval()
+    processor = AutoProcessor.from_pretrained(tiny_models.itm)
+    pixel_values = stage.models.itm_pixels(pixels)[owners]
+    tokens = processor.tokenizer(texts, padding=True, truncation=True, max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(pixel_values=pixel_values, input_ids=tokens.input_ids,
+                       attention_mask=tokens.attention_mask, use_itm_head=True).itm_score  # fmt: skip
+    reference = logits.softmax(dim=-1)[:, 1]
+    assert np.allclose(ours, reference.numpy(), atol=1e-5)
+    assert all(0.0 <= s <= 1.0 for s in ours)
+
+
+def test_chunk_is_captioned_and_scored(tiny_models, stage):
+    out = stage(_chunk(tiny_models, 4, broken=1))
+    assert list(out["keys"]) == ["0000", "0001", "0002", "0003"]
+    assert out["decode_errors"][1].startswith("decode:")
+    for i in (0, 2, 3):
+        assert out["decode_errors"][i] == ""
+        assert len(out["synthetic_captions"][i]) == 3
+        assert all(text and not text.startswith("a picture of") for text in out["synthetic_captions"][i])
+        assert all(0.0 <= s <= 1.0 for s in out["synthetic_itm"][i])
+    assert all(math.isnan(s) for s in out["synthetic_itm"][1])  # not scored: the image did not decode
+    assert 0.0 <= out["caption_itm"][0] <= 1.0
+    assert math.isnan(out["caption_itm"][3])  # its web caption is blank
+
+
+def test_sampling_depends_on_the_chunk_not_on_the_call(tiny_models, stage):
+    first = stage(_chunk(tiny_models, 3, index=5))
+    stage(_chunk(tiny_models, 3, index=6))  # other work in between must not change the next result
+    again = stage(_chunk(tiny_models, 3, index=5))
+    other = stage(_chunk(tiny_models, 3, index=6))
+    assert first["synthetic_captions"] == again["synthetic_captions"]
+    assert first["synthetic_itm"] == again["synthetic_itm"]
+    assert first["synthetic_captions"] != other["synthetic_captions"]
+    assert chunk_seed(0, "00000", 5) != chunk_seed(0, "00001", 5) != chunk_seed(1, "00000", 5)
+
+
+def test_a_chunk_of_only_broken_images_needs_no_model(tiny_models, stage):
+    chunk = _chunk(tiny_models, 1, broken=0)
+    out = stage(chunk)
+    assert out["decode_errors"][0] and out["synthetic_captions"] == [["", "", ""]]

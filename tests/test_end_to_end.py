@@ -1,0 +1,160 @@
+"""The whole job on a real local Ray: img2dataset over HTTP on 127.0.0.1, tiny BLIP models, and
+outputs read back with the consumers' libraries (pyarrow, webdataset)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline.fates import Fate
+from pipeline.layout import OutputLayout
+from pipeline.runner import run_job
+from pipeline.sample_web import Route, jpeg_bytes, render_scene
+from tests.conftest import make_spec
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _read_all(layout: OutputLayout) -> list[dict]:
+    return [r for p in sorted(layout.shards.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, web, tiny_models):
+    site, pairs = web
+    rows = [(site.url(p.path), p.caption) for p in pairs]
+    expected = {site.url(p.path): p.expected for p in pairs}
+    site.add("/e2e/blank-caption.jpg", Route(body=jpeg_bytes(render_scene(99)[0])))
+    extra = {
+        site.url("/e2e/blank-caption.jpg"): ("", "ok"),
+        "ftp://127.0.0.1/image.jpg": ("an ftp image", Fate.BLOCKED),
+        "file:///etc/passwd": ("a local file", Fate.BLOCKED),
+        "not a url": ("no url at all", Fate.INVALID_INPUT),
+        None: ("a row without a url", Fate.INVALID_INPUT),
+    }
+    rows += [(url, caption) for url, (caption, _) in extra.items()]
+    expected.update({url: fate for url, (_, fate) in extra.items()})
+    tmp = tmp_path_factory.mktemp("e2e")
+    spec = make_spec(tmp, rows, tiny_models)
+    result = run_job(spec, log=lambda _: None)
+    return result, rows, expected
+
+
+def test_every_input_row_appears_exactly_once_with_its_fate(finished_job):
+    result, rows, expected = finished_job
+    records = _read_all(result.layout)
+    assert len(records) == len(rows) > 50
+    assert Counter(r["url"] for r in records) == Counter(url for url, _ in rows)
+    assert len({r["key"] for r in records}) == len(records)
+    for r in records:
+        want = expected[r["url"]]
+        if want == "ok":
+            assert r["status"] in (Fate.KEPT, Fate.FILTERED), r
+        else:
+            assert r["status"] == want, r
+            assert r["error"], r
+
+
+def test_manifest_counts_add_up_to_the_input(finished_job):
+    result, rows, _ = finished_job
+    manifest = json.loads(result.layout.manifest.read_text())
+    records = _read_all(result.layout)
+    assert manifest["complete"] is True
+    assert manifest["input_rows"] == len(rows)
+    assert sum(manifest["counts"].values()) == len(rows)
+    assert manifest["counts"] == {f.value: sum(r["status"] == f for r in records) for f in Fate}
+    assert all(s["status"] == "done" for s in manifest["shards"])
+    assert manifest["models"]["captioner"] == manifest["spec"]["captioner"]["model"]
+    assert manifest["versions"]["transformers"]
+
+
+def test_downloaded_rows_carry_captions_and_scores(finished_job):
+    result, _, _ = finished_job
+    scored = [r for r in _read_all(result.layout) if r["status"] in (Fate.KEPT, Fate.FILTERED)]
+    assert len(scored) >= 40
+    for r in scored:
+        assert len(r["synthetic_captions"]) == len(r["synthetic_itm"]) == 2
+        assert all(0 <= s <= 1 for s in r["synthetic_itm"])
+        assert r["width"] and r["height"] and len(r["sha256"]) == 64
+        if r["caption"] and r["caption"].strip():
+            assert 0 <= r["caption_itm"] <= 1
+        else:
+            assert r["caption_itm"] is None
+        kept_texts = {c["text"] for c in r["kept_captions"]}
+        assert (r["status"] == Fate.KEPT) == bool(kept_texts)
+        assert r["selected_caption"] is None or r["selected_caption"] in kept_texts
+
+
+def test_the_tar_holds_exactly_the_kept_rows_and_webdataset_reads_it(finished_job):
+    result, _, _ = finished_job
+    records = {r["key"]: r for r in _read_all(result.layout)}
+    kept = {k for k, r in records.items() if r["status"] == Fate.KEPT}
+    tars = sorted(str(p) for p in result.layout.shards.glob("*.tar"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode())
+    assert {s["__key__"] for s in samples} == kept
+    for s in samples:
+        record = records[s["__key__"]]
+        assert s["txt"] == record["selected_caption"]
+        assert s["json"] == json.loads(json.dumps(record))
+        image = Image.open(io.BytesIO(s["jpg"])) if isinstance(s["jpg"], bytes) else s["jpg"]
+        assert image.size == (record["width"], record["height"])
+
+
+def test_private_addresses_are_blocked_before_any_request(tmp_path, web, tiny_models):
+    site, _ = web
+    paths = [f"/policy/{i}.jpg" for i in range(3)]
+    for i, path in enumerate(paths):
+        site.add(path, Route(body=jpeg_bytes(render_scene(i)[0])))
+    rows = [(site.url(p), "a picture") for p in paths]
+    spec = make_spec(tmp_path, rows, tiny_models, download={"allow_private_networks": False})
+    result = run_job(spec, log=lambda _: None)
+    assert result.manifest["counts"][Fate.BLOCKED] == 3
+    assert all("127.0.0.1" in r["error"] for r in _read_all(result.layout))
+    assert [site.hits(p) for p in paths] == [0, 0, 0]
+
+
+def test_resume_redoes_only_the_missing_shard_and_equals_a_clean_run(tmp_path, web, tiny_models):
+    site, pairs = web
+    rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:40]
+    spec = make_spec(tmp_path, rows, tiny_models)
+    first = run_job(spec, log=lambda _: None)
+    layout = first.layout
+    shards = sorted(p.stem for p in layout.shards.glob("*.parquet"))
+    assert len(shards) == 3
+    before = {p.name: os.stat(p).st_mtime_ns for p in layout.shards.iterdir()}
+    layout.shard_parquet(shards[1]).unlink()
+
+    second = run_job(spec, log=lambda _: None)
+    after = {p.name: os.stat(p).st_mtime_ns for p in layout.shards.iterdir()}
+    rewritten = {name for name in after if before.get(name) != after[name]}
+    assert rewritten == {f"{shards[1]}.parquet", f"{shards[1]}.tar", f"{shards[1]}.done.json"}
+    assert second.manifest["counts"] == first.manifest["counts"]
+
+    clean = run_job(make_spec(tmp_path, rows, tiny_models, out="clean"), log=lambda _: None)
+    for name in shards:
+        resumed_table = pq.read_table(layout.shard_parquet(name))
+        clean_table = pq.read_table(clean.layout.shard_parquet(name))
+        assert resumed_table.equals(clean_table), name
+
+
+def test_an_empty_url_list_is_a_complete_job_with_no_rows(tmp_path, tiny_models):
+    result = run_job(make_spec(tmp_path, [], tiny_models), log=lambda _: None)
+    assert result.complete and result.manifest["input_rows"] == 0 and result.manifest["shards"] == []
+
+
+def test_a_changed_threshold_makes_old_shards_stale(tmp_path, web, tiny_models):
+    site, pairs = web
+    rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:8]
+    first = run_job(make_spec(tmp_path, rows, tiny_models), log=lambda _: None)
+    assert first.manifest["counts"][Fate.KEPT] == 8  # random tiny models score everything near 0.56
+    strict = run_job(make_spec(tmp_path, rows, tiny_models, filter={"threshold": 0.99}), log=lambda _: None)
+    assert strict.manifest["counts"][Fate.FILTERED] == 8
+    tars = [str(p) for p in strict.layout.shards.glob("*.tar")]
+    assert tars and list(wds.WebDataset(tars, shardshuffle=False, empty_check=False)) == []
