@@ -103,6 +103,8 @@ def _capfilt(
         stage = CapFiltStage(spec.captioner, spec.filter, _actor_resources(spec, log))
         preprocess = PreprocessStage.for_model(spec.captioner.model)
         actors = spec.resources.actors or _actors_for(stage.resources)
+        # Ray Data fuses preprocessing into the actor only when their resources are equal (a CPU-only
+        # run, where that costs nothing); with GPUs it stays in CPU tasks and the GPU never decodes.
         ds = (
             ray.data.from_items([{"shard": name} for name in to_score])
             .flat_map(ChunkReader(layout, batch_size), num_cpus=0.25)

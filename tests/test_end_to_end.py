@@ -7,15 +7,18 @@ import io
 import json
 import os
 from collections import Counter
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+import yaml
 from PIL import Image
 
+from pipeline.cli import main
 from pipeline.fates import Fate
 from pipeline.layout import OutputLayout
-from pipeline.runner import run_job
+from pipeline.runner import JobResult, run_job
 from pipeline.sample_web import Route, jpeg_bytes, render_scene
 from tests.conftest import make_spec
 
@@ -43,8 +46,11 @@ def finished_job(tmp_path_factory, web, tiny_models):
     expected.update({url: fate for url, (_, fate) in extra.items()})
     tmp = tmp_path_factory.mktemp("e2e")
     spec = make_spec(tmp, rows, tiny_models)
-    result = run_job(spec, log=lambda _: None)
-    return result, rows, expected
+    job = tmp / "job.yaml"
+    job.write_text(yaml.safe_dump(spec.to_dict()))
+    assert main(["run", str(job), "--set", "captioner.num_captions=2"]) == 0  # the command users type
+    return JobResult(json.loads(OutputLayout(Path(spec.output.path)).manifest.read_text()),
+                     OutputLayout(Path(spec.output.path))), rows, expected  # fmt: skip
 
 
 def test_every_input_row_appears_exactly_once_with_its_fate(finished_job):
