@@ -98,10 +98,19 @@ class JobSpec:
         Resources and the output path do not change what is written, so a job can be moved or
         resized and still resume; a changed threshold or model makes old shards stale.
         """
+        return _hash(self._sections("input", "download", "captioner", "filter"))
+
+    def download_fingerprint(self) -> str:
+        """Hash of everything that decides the raw (downloaded) shards."""
+        return _hash(self._sections("input", "download"))
+
+    def _sections(self, *names: str) -> dict[str, Any]:
         spec = self.to_dict()
-        relevant = {k: spec[k] for k in ("input", "download", "captioner", "filter")}
-        relevant["shard_size"] = spec["output"]["shard_size"]
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+        return {**{k: spec[k] for k in names}, "shard_size": spec["output"]["shard_size"]}
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _SECTIONS: dict[str, type] = {

@@ -51,7 +51,8 @@ def run_job(spec: JobSpec, address: str | None = None, log: Log = print) -> JobR
     layout.root.mkdir(parents=True, exist_ok=True)
     fingerprint = spec.fingerprint()
     with ray_session(address):
-        rows = prepare(spec.input, spec.download.allow_private_networks, layout.prepared_input, fingerprint)
+        rows = prepare(spec.input, spec.download.allow_private_networks, layout.prepared_input,
+                       spec.download_fingerprint(), downloaded=bool(layout.downloaded_shards()))  # fmt: skip
         names = [f"{i:05d}" for i in range(math.ceil(rows / spec.output.shard_size))]
         if rows:
             DownloadStage(spec, layout).run(distributor="ray")

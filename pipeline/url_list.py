@@ -53,17 +53,27 @@ def check_columns(spec: InputSpec) -> None:
             )
 
 
-def prepare(spec: InputSpec, allow_private_networks: bool, out: Path, fingerprint: str) -> int:
+def prepare(
+    spec: InputSpec, allow_private_networks: bool, out: Path, fingerprint: str, downloaded: bool
+) -> int:
     """Write img2dataset's input list to `out`; return the number of input rows.
 
-    Reuses an existing file made by the same spec, so a resumed job neither re-reads the list
-    nor re-resolves its hosts.
+    `fingerprint` covers the spec's input and download settings; the URL list's size and time
+    are added to it. A file made the same way is reused, so a resumed job neither re-reads the
+    list nor re-resolves its hosts. A different one is refused once anything was `downloaded`:
+    img2dataset would otherwise resume the old downloads as if they were the new job's.
     """
+    identity = f"{fingerprint}:{_source_identity(spec)}".encode()
     if out.exists():
         existing = pq.ParquetFile(out)
-        if (existing.schema_arrow.metadata or {}).get(FINGERPRINT_KEY) == fingerprint.encode():
+        if (existing.schema_arrow.metadata or {}).get(FINGERPRINT_KEY) == identity:
             return existing.metadata.num_rows
-    schema = PREPARED_SCHEMA.with_metadata({FINGERPRINT_KEY: fingerprint.encode()})
+        if downloaded:
+            raise SpecError(
+                f"output.path: {out.parent} holds downloads made from another URL list or other input or "
+                "download settings; use a new output.path (or delete its downloads/ and _input.parquet)"
+            )
+    schema = PREPARED_SCHEMA.with_metadata({FINGERPRINT_KEY: identity})
     tmp = temporary_name(out)
     rows = 0
     with pq.ParquetWriter(tmp, schema) as writer:
@@ -88,6 +98,15 @@ def prepare(spec: InputSpec, allow_private_networks: bool, out: Path, fingerprin
             rows += batch.num_rows
     tmp.replace(out)
     return rows
+
+
+def _source_identity(spec: InputSpec) -> str:
+    """Size and modification time of a local URL list: an edited list is a different input."""
+    try:
+        stat = Path(spec.url_list).stat()
+    except OSError:
+        return "remote"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _raw_batches(spec: InputSpec, columns: list[str]) -> Iterator[pa.RecordBatch]:

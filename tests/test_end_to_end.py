@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.config import SpecError
 from pipeline.fates import Fate
 from pipeline.layout import OutputLayout
 from pipeline.runner import JobResult, run_job
@@ -164,3 +165,11 @@ def test_a_changed_threshold_makes_old_shards_stale(tmp_path, web, tiny_models):
     assert strict.manifest["counts"][Fate.FILTERED] == 8
     tars = [str(p) for p in strict.layout.shards.glob("*.tar")]
     assert tars and list(wds.WebDataset(tars, shardshuffle=False, empty_check=False)) == []
+
+
+def test_new_download_settings_into_old_downloads_are_refused(tmp_path, web, tiny_models):
+    site, pairs = web
+    rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:4]
+    run_job(make_spec(tmp_path, rows, tiny_models), log=lambda _: None)
+    with pytest.raises(SpecError, match=r"output\.path: .* holds downloads made from another URL list"):
+        run_job(make_spec(tmp_path, rows, tiny_models, download={"image_size": 32}), log=lambda _: None)
