@@ -167,6 +167,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
+    if isinstance(value, str) and not text.strip().startswith(("'", '"')):
+        value = text  # YAML would strip it: "captioner.prompt=a picture of " keeps its space
     *parents, leaf = key.strip().split(".")
     node = raw
     for i, part in enumerate(parents):
