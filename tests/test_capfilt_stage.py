@@ -50,7 +50,7 @@ def _chunk(tiny_models, n: int, shard: str = "00000", index: int = 0, broken: in
 def test_device_normalisation_equals_blip_image_processor(tiny_models, stage):
     image, _ = render_scene(7, size=90)
     pre = PreprocessStage.for_model(str(tiny_models.captioner))
-    pixels = torch.from_numpy(pre.decode(jpeg_bytes(image))[None])
+    pixels = torch.from_numpy(pre.decode(jpeg_bytes(image))[None].copy())
     ours = stage.models.captioner_pixels(pixels)
     reference = AutoProcessor.from_pretrained(tiny_models.captioner)(
         images=Image.open(io.BytesIO(jpeg_bytes(image))), return_tensors="pt"
