@@ -73,7 +73,8 @@ class CapFiltStage:
                         synthetic[i][c] = text
                         texts.append(text)
                         owners.append((i, c))
-                image_index = [ok.index(i) for i, _ in owners]
+                position = {i: j for j, i in enumerate(ok)}
+                image_index = [position[i] for i, _ in owners]
                 scores = self.itm(pixels, texts, image_index)
             for (i, c), score in zip(owners, scores, strict=True):
                 if c is None:
