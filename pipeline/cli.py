@@ -27,10 +27,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.job, overrides=args.set)  # before importing Ray and torch: bad specs fail fast
     from pipeline.runner import run_job
     from pipeline.summary import format_summary
 
-    spec = load_spec(args.job, overrides=args.set)
     result = run_job(spec, address=args.address or os.environ.get("RAY_ADDRESS"))
     print(format_summary(result.manifest, spec.output.path))
     return 0 if result.complete else 1

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,11 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     if not path.is_file():
         raise SpecError(f"{path}: no such job spec file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read the job spec: {' '.join(str(err).split())}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     try:
@@ -167,6 +172,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
+    value = json.loads(json.dumps(value, default=str))  # as in a spec file: dates become strings
     if isinstance(value, str) and not text.strip().startswith(("'", '"')):
         value = text  # YAML would strip it: "captioner.prompt=a picture of " keeps its space
     *parents, leaf = key.strip().split(".")
@@ -179,8 +185,26 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[leaf] = value
 
 
+def _is_integer(_checker: Any, instance: Any) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)  # 3.0 is not an integer here
+
+
+def _is_number(_checker: Any, instance: Any) -> bool:
+    return isinstance(instance, int | float) and not isinstance(instance, bool) and math.isfinite(instance)
+
+
+# Stricter than JSON Schema's defaults: `batch_size: 64.0` would reach range() as a float, and a
+# NaN threshold passes minimum/maximum and then silently filters every row.
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {"integer": _is_integer, "number": _is_number}
+    ),
+)
+
+
 def _validate(raw: dict[str, Any]) -> None:
-    validator = jsonschema.Draft202012Validator(job_schema())
+    validator = _Validator(job_schema())
     errors = sorted(validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), list(e.absolute_path)))
     if errors:
         raise SpecError(_describe(errors[0]))

@@ -24,7 +24,7 @@ def count_fates(statuses: Iterable[str]) -> dict[str, int]:
     counts = Counter(statuses)
     unknown = set(counts) - {f.value for f in Fate}
     if unknown:
-        raise ValueError(f"unknown fate(s): {sorted(unknown)}")
+        raise ValueError(f"unknown fate(s): {sorted(unknown, key=repr)}")
     return {f.value: counts.get(f.value, 0) for f in Fate}
 
 

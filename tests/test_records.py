@@ -5,20 +5,60 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.records import SHARD_SCHEMA, describe_schema
+import pyarrow as pa
+import pytest
+
+from pipeline.fates import Fate
+from pipeline.records import COLUMN_DOCS, SHARD_SCHEMA, describe_schema
 
 ROOT = Path(__file__).resolve().parent.parent
+SHARD_SCHEMA_FILE = ROOT / "schemas" / "shard.schema.json"
+COLUMNS = [
+    "key", "url", "caption", "status", "error", "width", "height", "sha256",
+    "synthetic_captions", "caption_itm", "synthetic_itm", "kept_captions", "selected_caption",
+]  # fmt: skip
 
 
 def test_checked_in_shard_schema_equals_the_code():
-    assert json.loads((ROOT / "schemas" / "shard.schema.json").read_text()) == describe_schema()
+    assert json.loads(SHARD_SCHEMA_FILE.read_text()) == describe_schema()
 
 
-def test_columns_are_the_contract():
-    assert SHARD_SCHEMA.names == [
-        "key", "url", "caption", "status", "error", "width", "height", "sha256",
-        "synthetic_captions", "caption_itm", "synthetic_itm", "kept_captions", "selected_caption",
-    ]  # fmt: skip
+def test_checked_in_shard_schema_is_what_python_m_pipeline_records_writes():
+    assert SHARD_SCHEMA_FILE.read_text() == json.dumps(describe_schema(), indent=2) + "\n"
+
+
+def test_columns_are_the_contract_in_order():
+    assert SHARD_SCHEMA.names == COLUMNS
+    assert [f["name"] for f in describe_schema()["fields"]] == COLUMNS
+    assert list(COLUMN_DOCS) == COLUMNS
+
+
+@pytest.mark.parametrize(
+    ("column", "arrow_type", "nullable"),
+    [
+        ("key", pa.string(), False),
+        ("status", pa.string(), False),
+        ("url", pa.string(), True),
+        ("caption", pa.string(), True),
+        ("error", pa.string(), True),
+        ("width", pa.int32(), True),
+        ("height", pa.int32(), True),
+        ("sha256", pa.string(), True),
+        ("synthetic_captions", pa.list_(pa.string()), True),
+        ("caption_itm", pa.float32(), True),
+        ("synthetic_itm", pa.list_(pa.float32()), True),
+        ("kept_captions", pa.list_(pa.struct([("text", pa.string()), ("source", pa.string()), ("itm", pa.float32())])), True),
+        ("selected_caption", pa.string(), True),
+    ],
+)  # fmt: skip
+def test_column_types(column, arrow_type, nullable):
+    field = SHARD_SCHEMA.field(column)
+    assert field.type == arrow_type
+    assert field.nullable is nullable
+
+
+def test_the_status_column_documents_every_fate():
+    assert all(f.value in COLUMN_DOCS["status"] for f in Fate)
 
 
 def test_every_job_spec_key_is_documented():
