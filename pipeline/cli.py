@@ -43,8 +43,9 @@ def _demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     result = run_demo(Path(args.out), good_rows=args.rows, address=args.address)
     print(format_summary(result.manifest, str(result.layout.root)))
-    print(f"demo finished in {time.monotonic() - started:.0f} s; tiny models in {args.out}/models/captioner "
-          f"and {args.out}/models/itm (usable as captioner.model and filter.model)")  # fmt: skip
+    models = Path(args.out) / "models"
+    print(f"demo finished in {time.monotonic() - started:.0f} s; tiny models in {models / 'captioner'} "
+          f"and {models / 'itm'} (usable as captioner.model and filter.model)")  # fmt: skip
     return 0 if result.complete else 1
 
 

@@ -101,6 +101,23 @@ class JobSpec:
         """
         return _hash(self._sections("input", "download", "captioner", "filter"))
 
+    def with_absolute_paths(self) -> JobSpec:
+        """Paths as the driver sees them, so Ray workers (on other nodes too) open the same files.
+
+        A model value that is an existing directory is a path; anything else is a hub name.
+        """
+
+        def absolute(value: str) -> str:
+            return str(Path(value).resolve()) if Path(value).exists() else value
+
+        return dataclasses.replace(
+            self,
+            input=dataclasses.replace(self.input, url_list=str(Path(self.input.url_list).resolve())),
+            captioner=dataclasses.replace(self.captioner, model=absolute(self.captioner.model)),
+            filter=dataclasses.replace(self.filter, model=absolute(self.filter.model)),
+            output=dataclasses.replace(self.output, path=str(Path(self.output.path).resolve())),
+        )
+
     def download_fingerprint(self) -> str:
         """Hash of everything that decides the raw (downloaded) shards."""
         return _hash(self._sections("input", "download"))
@@ -233,5 +250,5 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 def _check_files(spec: JobSpec) -> None:
     url_list = spec.input.url_list
-    if "://" not in url_list and not Path(url_list).is_file():
-        raise SpecError(f"input.url_list: no such file: {url_list}")
+    if not Path(url_list).is_file():
+        raise SpecError(f"input.url_list: no such file: {url_list} (a local file is expected)")

@@ -6,6 +6,7 @@ serves it on 127.0.0.1, and runs `jobs/local-tiny.yaml` against it on a local Ra
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +20,10 @@ from pipeline.tiny_models import write_tiny_models
 
 
 def run_demo(out: Path, good_rows: int = 48, address: str | None = None) -> JobResult:
+    """Run the demo into `out`. Its server gets a new port each time, so a previous demo's output
+    (made from other URLs) is removed first rather than refused."""
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "output", ignore_errors=True)
     models = write_tiny_models(out / "models")
     pairs = sample_web(n_good=good_rows, seed=0)
     with StaticSite({p.path: p.route for p in pairs}) as site:

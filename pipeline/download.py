@@ -62,7 +62,10 @@ class DownloadStage:
         import img2dataset
 
         with _keep_sigint_handler():
-            img2dataset.download(**self.arguments(), distributor=distributor)
+            try:
+                img2dataset.download(**self.arguments(), distributor=distributor)
+            except SystemExit as exit_:  # img2dataset's SIGINT handler exits with status 0
+                raise KeyboardInterrupt("download interrupted") from exit_
 
 
 @contextlib.contextmanager

@@ -46,6 +46,7 @@ class JobResult:
 
 def run_job(spec: JobSpec, address: str | None = None, log: Log = print) -> JobResult:
     """Run (or resume) a job to the end and write its manifest."""
+    spec = spec.with_absolute_paths()
     layout = OutputLayout(Path(spec.output.path))
     check_columns(spec.input)
     layout.root.mkdir(parents=True, exist_ok=True)

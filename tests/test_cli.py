@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
+import yaml
 from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+from pipeline.sample_web import Route
 
 CAPFILT = [sys.executable, "-m", "pipeline.cli"]
 
@@ -33,3 +38,39 @@ def test_demo_runs_offline_on_its_own_local_ray(tmp_path):
     assert manifest["complete"] and sum(manifest["counts"].values()) == manifest["input_rows"]
     assert manifest["counts"]["kept"] > 0 and manifest["counts"]["blocked"] == 1
     assert "input rows" in done.stdout and "kept" in done.stdout
+
+
+def test_a_second_demo_into_the_same_directory_starts_afresh(tmp_path):
+    for _ in range(2):
+        done = subprocess.run(
+            [*CAPFILT, "demo", "--out", str(tmp_path), "--rows", "2"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+    assert "//" not in done.stdout.replace("://", "")
+
+
+def test_ctrl_c_during_the_download_exits_130_and_says_so(tmp_path, web):
+    site, _ = web
+    site.add("/stall/forever.jpg", Route(body=b"never", stall_s=60))
+    url_list = tmp_path / "urls.csv"
+    url_list.write_text(f"url,caption\n{site.url('/stall/forever.jpg')},a slow picture\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "input": {"url_list": str(url_list), "input_format": "csv"},
+        "download": {"allow_private_networks": True, "timeout": 60},
+        "output": {"path": str(tmp_path / "out")},
+    }))  # fmt: skip
+    process = subprocess.Popen(
+        [*CAPFILT, "run", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while site.hits("/stall/forever.jpg") == 0 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert site.hits("/stall/forever.jpg") == 1, "the download never started"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "interrupted; finished shards are kept" in stderr

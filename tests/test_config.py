@@ -382,3 +382,23 @@ def test_fingerprint_follows_what_decides_the_output(url_list, sections, output_
     assert spec_from_dict(build(url_list)).fingerprint() == base.fingerprint()  # deterministic
     assert (other.fingerprint() != base.fingerprint()) == output_changes
     assert (other.download_fingerprint() != base.download_fingerprint()) == download_changes
+
+
+def test_paths_become_absolute_for_workers_and_hub_names_stay_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "urls.parquet").write_bytes(b"")
+    (tmp_path / "models" / "cap").mkdir(parents=True)
+    spec = spec_from_dict({
+        "input": {"url_list": "urls.parquet"},
+        "captioner": {"model": "models/cap"},
+        "output": {"path": "out"},
+    }).with_absolute_paths()  # fmt: skip
+    assert spec.input.url_list == str(tmp_path / "urls.parquet")
+    assert spec.captioner.model == str(tmp_path / "models" / "cap")
+    assert spec.filter.model == "Salesforce/blip-itm-large-coco"
+    assert spec.output.path == str(tmp_path / "out")
+
+
+def test_a_url_list_must_be_a_local_file(tmp_path):
+    with pytest.raises(SpecError, match=r"^input\.url_list: no such file: s3://bucket/urls\.parquet"):
+        spec_from_dict({"input": {"url_list": "s3://bucket/urls.parquet"}, "output": {"path": "out"}})
