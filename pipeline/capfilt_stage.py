@@ -153,8 +153,8 @@ class _Models:
         self.captioner_tokenizer = captioner_processor.tokenizer
         self.itm_tokenizer = itm_processor.tokenizer
         self.device, self.dtype = device, dtype
-        self._captioner_norm = _Normaliser(captioner_processor.image_processor, device, dtype)
-        self._itm_norm = _Normaliser(itm_processor.image_processor, device, dtype)
+        self._captioner_norm = Normaliser(captioner_processor.image_processor, device, dtype)
+        self._itm_norm = Normaliser(itm_processor.image_processor, device, dtype)
 
     @classmethod
     def load(cls, captioner_name: str, itm_name: str) -> _Models:
@@ -181,7 +181,7 @@ class _Models:
         return self._itm_norm(pixels)
 
 
-class _Normaliser:
+class Normaliser:
     """uint8 NHWC on the host -> normalised NCHW on the device, as BlipImageProcessor would do."""
 
     def __init__(self, image_processor: Any, device: str, dtype: Any) -> None:

@@ -1,42 +1,39 @@
 """`capfilt demo`: the whole pipeline, offline, in a few minutes on a laptop.
 
-It writes tiny BLIP models, generates a small web of image-text pairs (hostile cases included),
-serves it on 127.0.0.1, and runs `jobs/local-tiny.yaml` against it on a local Ray.
+It generates a noisy web split of the synthetic world (a known share of its captions corrupted),
+adds the hostile cases a real crawl returns (404s, HTML served as JPEG, truncated files, ...), serves
+them all on 127.0.0.1, and runs `jobs/local-tiny.yaml` on a local Ray with the trained tiny BLIP models
+that ship with capfilt (copied to OUT/models, so they can be reused as `captioner.model`/`filter.model`).
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.bundled import bundled_path
-from pipeline.config import load_spec
-from pipeline.runner import JobResult, run_job
-from pipeline.sample_web import StaticSite, sample_web
-from pipeline.tiny_models import write_tiny_models
+from pipeline.runner import JobResult
+from pipeline.sample_web import hostile_pairs
+from pipeline.synthetic.splits import web_split
+from pipeline.synthetic.trained import export_trained_models
+from pipeline.synthetic.web_job import run_web_job
 
 
-def run_demo(out: Path, good_rows: int = 48, address: str | None = None) -> JobResult:
-    """Run the demo into `out`. Its server gets a new port each time, so a previous demo's output
-    (made from other URLs) is removed first rather than refused."""
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "output", ignore_errors=True)
-    models = write_tiny_models(out / "models")
-    pairs = sample_web(n_good=good_rows, seed=0)
-    with StaticSite({p.path: p.route for p in pairs}) as site:
-        url_list = out / "urls.parquet"
-        urls = [site.url(p.path) for p in pairs]
-        pq.write_table(pa.table({"url": urls, "caption": [p.caption for p in pairs]}), url_list)
-        spec = load_spec(
-            bundled_path("jobs", "local-tiny.yaml"),
-            overrides=[
-                f"input.url_list={url_list}",
-                f"captioner.model={models.captioner}",
-                f"filter.model={models.itm}",
-                f"output.path={out / 'output'}",
-            ],
-        )
-        return run_job(spec, address=address)
+def run_demo(out: Path, rows: int, address: str | None = None, seed: int = 0) -> JobResult:
+    """Run the demo into `out`: OUT/models, OUT/urls.parquet, OUT/output (shards and manifest)."""
+    models = export_trained_models(out / "models")
+    return run_web_job(out, web_split(rows, seed), models, extra=hostile_pairs(seed), address=address)
+
+
+def examples(result: JobResult, n: int = 3) -> str:
+    """A few rows whose web caption the filter dropped, with the caption kept instead: CapFilt at work."""
+    threshold = result.manifest["spec"]["filter"]["threshold"]
+    lines = ["web captions the filter dropped, and the caption kept instead:"]
+    for path in sorted(result.layout.shards.glob("*.parquet")):
+        for row in pq.read_table(path, columns=["caption", "caption_itm", "selected_caption"]).to_pylist():
+            score = row["caption_itm"]
+            if score is not None and score < threshold and row["selected_caption"] is not None:
+                lines.append(f"  {row['caption'][:60]!r} (itm {score:.2f}) -> {row['selected_caption']!r}")
+            if len(lines) > n:
+                return "\n".join(lines)
+    return "\n".join(lines)

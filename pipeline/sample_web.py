@@ -2,11 +2,11 @@
 
 Why this exists: the pipeline's first stage is img2dataset, which fetches with urllib and decodes with
 OpenCV. Mocking either would test our assumptions about them rather than their behaviour, so the test
-suite and ``capfilt demo`` instead point the real downloader at a real socket. The pictures are simple
-rendered shapes with *true* captions, so the captioner/filter stages have something checkable to chew on,
-and the hostile cases reproduce what a crawl of the real web returns. Each case's ``expected`` family was
-set by running img2dataset 1.47's own ``download_image`` and ``Resizer`` on these exact bytes (and is
-re-checked by ``tests/test_sample_web.py``), not by guessing from file formats.
+suite and ``capfilt demo`` instead point the real downloader at a real socket. The pictures are the
+synthetic world's shapes with *true* captions, so the captioner/filter stages have something checkable
+to chew on, and the hostile cases reproduce what a crawl of the real web returns. Each case's
+``expected`` family was set by running img2dataset 1.47's own ``download_image`` and ``Resizer`` on
+these exact bytes (and is re-checked by ``tests/test_sample_web.py``), not by guessing from file formats.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from pipeline.synthetic.world import describe, random_scene, render
 
 __all__ = ["Route", "SamplePair", "StaticSite", "good_pairs", "hostile_pairs", "jpeg_bytes", "png_bytes",
            "render_scene", "sample_web"]  # fmt: skip
@@ -153,44 +155,11 @@ class SamplePair:
     expected: str  # capfilt fate family: "ok", "download_failed", "decode_failed", "blocked"
 
 
-_SHAPES = ("circle", "square", "triangle")
-_COLOURS = {
-    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220),
-    "yellow": (240, 210, 20), "orange": (245, 130, 20), "purple": (130, 40, 170),
-}  # fmt: skip
-_BACKGROUNDS = {"white": (255, 255, 255), "gray": (128, 128, 128), "black": (0, 0, 0)}
-
-
 def render_scene(seed: int, size: int = 96) -> tuple[Image.Image, str]:
-    """A deterministic picture of 1-3 coloured shapes on a plain background, plus its true caption.
-
-    Shapes sit in distinct quadrants so none hides another and the caption stays true; (colour, shape)
-    pairs are distinct so the caption never needs counting ("two red circles").
-    """
+    """A deterministic picture from the synthetic world (`pipeline.synthetic.world`) and a true caption."""
     rng = np.random.default_rng(seed)
-    bg_name = str(rng.choice(list(_BACKGROUNDS)))
-    image = Image.new("RGB", (size, size), _BACKGROUNDS[bg_name])
-    draw = ImageDraw.Draw(image)
-    combos = [(c, s) for c in _COLOURS for s in _SHAPES]
-    picks = rng.choice(len(combos), size=int(rng.integers(1, 4)), replace=False)
-    cells = rng.permutation(4)
-    half = size / 2
-    phrases = []
-    for pick, cell in zip(picks, cells, strict=False):
-        colour, shape = combos[int(pick)]
-        r = half * float(rng.uniform(0.28, 0.42))
-        cx = (cell % 2) * half + half / 2 + float(rng.uniform(-0.05, 0.05)) * size
-        cy = (cell // 2) * half + half / 2 + float(rng.uniform(-0.05, 0.05)) * size
-        fill = _COLOURS[colour]
-        if shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif shape == "square":
-            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
-        phrases.append(f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}")
-    things = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return image, f"{things} on a {bg_name} background"
+    scene = random_scene(rng)
+    return render(scene, size), describe(scene, rng)
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 90, mode: str = "RGB") -> bytes:

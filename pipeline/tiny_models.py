@@ -61,16 +61,16 @@ def _vocab() -> dict[str, int]:
     return {token: i for i, token in enumerate(tokens)}
 
 
-def _processor() -> BlipProcessor:
+def blip_processor(vocab: dict[str, int], image_size: int = IMAGE_SIZE) -> BlipProcessor:
     """A BlipProcessor shaped like Salesforce's: BERT tokenizer plus bos [DEC] and extra special [ENC]."""
-    tokenizer = BertTokenizer(vocab=_vocab(), do_lower_case=True, model_max_length=64)
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=64)
     # Salesforce added these after the BERT vocab, so they get the two highest ids, as here.
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     # The PIL backend needs no torchvision, and saves image_processor_type "BlipImageProcessor" like the
     # real checkpoints, so loading picks the torchvision backend wherever that is installed.
     image_processor = BlipImageProcessorPil(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"height": image_size, "width": image_size},
         do_resize=True,
         do_rescale=True,
         do_normalize=True,
@@ -81,21 +81,35 @@ def _processor() -> BlipProcessor:
     return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def _config(processor: BlipProcessor) -> BlipConfig:
-    """Tiny BLIP config whose special-token ids agree with the processor's tokenizer.
+@dataclass(frozen=True)
+class BlipShape:
+    """The sizes of a small BLIP: one width and depth for the vision and text towers."""
+
+    hidden: int = 32
+    layers: int = 2
+    heads: int = 2
+    image_size: int = IMAGE_SIZE
+    patch_size: int = 16
+
+
+def blip_config(processor: BlipProcessor, shape: BlipShape = BlipShape()) -> BlipConfig:
+    """A small BLIP config whose special-token ids agree with the processor's tokenizer.
 
     `BlipForConditionalGeneration.generate` overwrites the prompt's first token with `bos_token_id` and
     stops on `sep_token_id`, so those must be the tokenizer's [DEC] and [SEP] or captions never end.
     """
     tok = processor.tokenizer
+    tower = {
+        "hidden_size": shape.hidden,
+        "intermediate_size": 2 * shape.hidden,
+        "projection_dim": shape.hidden,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+    }
     text = {
+        **tower,
         "vocab_size": len(tok),
-        "hidden_size": 32,
-        "encoder_hidden_size": 32,
-        "intermediate_size": 64,
-        "projection_dim": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
+        "encoder_hidden_size": shape.hidden,
         "max_position_embeddings": 64,
         "bos_token_id": tok.bos_token_id,
         "pad_token_id": tok.pad_token_id,
@@ -103,16 +117,17 @@ def _config(processor: BlipProcessor) -> BlipConfig:
         "eos_token_id": tok.sep_token_id,
     }
     vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "projection_dim": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": IMAGE_SIZE,
-        "patch_size": 16,
+        **tower,
+        "image_size": shape.image_size,
+        "patch_size": shape.patch_size,
         "initializer_range": 0.02,  # the 1e-10 default would make every image look the same
     }
-    return BlipConfig(text_config=text, vision_config=vision, projection_dim=32, image_text_hidden_size=32)
+    return BlipConfig(
+        text_config=text,
+        vision_config=vision,
+        projection_dim=shape.hidden,
+        image_text_hidden_size=shape.hidden,
+    )
 
 
 def write_tiny_models(out_dir: str | Path, seed: int = 0) -> TinyModelPaths:
@@ -123,8 +138,8 @@ def write_tiny_models(out_dir: str | Path, seed: int = 0) -> TinyModelPaths:
     .from_pretrained). Idempotent: writing twice gives identical files."""
     out = Path(out_dir)
     paths = TinyModelPaths(captioner=out / CAPTIONER_DIR, itm=out / ITM_DIR)
-    processor = _processor()
-    config = _config(processor)
+    processor = blip_processor(_vocab())
+    config = blip_config(processor)
     for model_cls, path in (
         (BlipForConditionalGeneration, paths.captioner),
         (BlipForImageTextRetrieval, paths.itm),

@@ -8,10 +8,14 @@ import subprocess
 import sys
 import time
 
+import pyarrow.parquet as pq
 import yaml
 from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 from pipeline.sample_web import Route
+from pipeline.synthetic.splits import JUNK, web_split
+from pipeline.synthetic.trained import shipped_models
+from pipeline.synthetic.web_job import web_index
 
 CAPFILT = [sys.executable, "-m", "pipeline.cli"]
 
@@ -26,6 +30,17 @@ def test_tiny_models_command_writes_loadable_checkpoints(tmp_path):
     assert AutoProcessor.from_pretrained(tmp_path / "itm").tokenizer.bos_token == "[DEC]"
 
 
+def test_tiny_models_trained_exports_the_shipped_checkpoints(tmp_path):
+    done = subprocess.run(
+        [*CAPFILT, "tiny-models", str(tmp_path), "--trained"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    shipped = shipped_models()
+    for name in ("captioner", "itm"):
+        exported = (tmp_path / name / "model.safetensors").read_bytes()
+        assert exported == (getattr(shipped, name) / "model.safetensors").read_bytes()
+
+
 def test_demo_runs_offline_on_its_own_local_ray(tmp_path):
     done = subprocess.run(
         [*CAPFILT, "demo", "--out", str(tmp_path), "--rows", "12"],
@@ -38,6 +53,14 @@ def test_demo_runs_offline_on_its_own_local_ray(tmp_path):
     assert manifest["complete"] and sum(manifest["counts"].values()) == manifest["input_rows"]
     assert manifest["counts"]["kept"] > 0 and manifest["counts"]["blocked"] == 1
     assert "input rows" in done.stdout and "kept" in done.stdout
+    # The trained filter drops the web captions the generator corrupted beyond doubt.
+    rows = [
+        r for p in (tmp_path / "output" / "shards").glob("*.parquet") for r in pq.read_table(p).to_pylist()
+    ]
+    web = web_split(12, seed=0)
+    junk = [r for r in rows if web_index(r["url"]) is not None and web[web_index(r["url"])].kind == JUNK]
+    assert junk and all(c["source"] != "web" for r in junk for c in r["kept_captions"])
+    assert "web captions the filter dropped" in done.stdout and "(itm 0." in done.stdout
 
 
 def test_a_second_demo_into_the_same_directory_starts_afresh(tmp_path):
