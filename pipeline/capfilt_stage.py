@@ -119,23 +119,29 @@ class CapFiltStage:
         scores: list[float] = []
         step = self.filter_spec.batch_size
         for start in range(0, len(texts), step):
-            tokens = m.itm_tokenizer(
-                texts[start : start + step],
-                padding="longest",
-                truncation=True,
-                max_length=ITM_MAX_TOKENS,
-                return_tensors="pt",
-            ).to(m.device)
             embeds = image_embeds[torch.tensor(image_index[start : start + step], device=m.device)]
-            encoded = m.itm_model.text_encoder(
-                input_ids=tokens.input_ids,
-                attention_mask=tokens.attention_mask,
-                encoder_hidden_states=embeds,
-                encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=m.device),
-            ).last_hidden_state
-            logits = m.itm_model.itm_head(encoded[:, 0, :])
+            logits = itm_logits(m.itm_model, m.itm_tokenizer, embeds, texts[start : start + step])
             scores.extend(logits.float().softmax(dim=-1)[:, 1].tolist())
         return scores
+
+
+def itm_logits(itm_model: Any, tokenizer: Any, image_embeds: Any, texts: list[str]) -> Any:
+    """ITM head logits (column 1 = match) of texts[i] against image_embeds[i], the vision tower's
+    output: BlipForImageTextRetrieval's ITM path without its vision pass, so one pass serves many texts.
+    The training of the shipped tiny models calls this too, so they learn exactly what is scored here."""
+    import torch
+
+    device = image_embeds.device
+    tokens = tokenizer(
+        texts, padding="longest", truncation=True, max_length=ITM_MAX_TOKENS, return_tensors="pt"
+    ).to(device)
+    encoded = itm_model.text_encoder(
+        input_ids=tokens.input_ids,
+        attention_mask=tokens.attention_mask,
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device),
+    ).last_hidden_state
+    return itm_model.itm_head(encoded[:, 0, :])
 
 
 def chunk_seed(seed: int, shard: str, chunk: int) -> int:

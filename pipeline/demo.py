@@ -29,7 +29,7 @@ def examples(result: JobResult, n: int = 3) -> str:
     """A few rows whose web caption the filter dropped, with the caption kept instead: CapFilt at work."""
     threshold = result.manifest["spec"]["filter"]["threshold"]
     lines = ["web captions the filter dropped, and the caption kept instead:"]
-    for path in sorted(result.layout.shards.glob("*.parquet")):
+    for path in result.layout.shard_parquets():
         for row in pq.read_table(path, columns=["caption", "caption_itm", "selected_caption"]).to_pylist():
             score = row["caption_itm"]
             if score is not None and score < threshold and row["selected_caption"] is not None:

@@ -58,6 +58,10 @@ class OutputLayout:
     def shard_report(self, shard: str) -> Path:
         return self.shards / f"{shard}.done.json"
 
+    def shard_parquets(self) -> list[Path]:
+        """The output Parquet files written so far, in shard order."""
+        return sorted(self.shards.glob("*.parquet"))
+
     def downloaded_shards(self) -> list[str]:
         """Shards img2dataset finished (its stats file is its done marker)."""
         return sorted(p.name.removesuffix("_stats.json") for p in self.downloads.glob("*_stats.json"))

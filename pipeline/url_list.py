@@ -101,11 +101,8 @@ def prepare(
 
 
 def _source_identity(spec: InputSpec) -> str:
-    """Size and modification time of a local URL list: an edited list is a different input."""
-    try:
-        stat = Path(spec.url_list).stat()
-    except OSError:
-        return "remote"
+    """Size and modification time of the (local) URL list: an edited list is a different input."""
+    stat = Path(spec.url_list).stat()
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
@@ -117,7 +114,7 @@ def _raw_batches(spec: InputSpec, columns: list[str]) -> Iterator[pa.RecordBatch
         elif spec.input_format in ("csv", "tsv"):
             reader = pa_csv.open_csv(
                 path,
-                parse_options=pa_csv.ParseOptions(delimiter="\t" if spec.input_format == "tsv" else ","),
+                parse_options=_csv_options(spec),
                 convert_options=pa_csv.ConvertOptions(
                     include_columns=columns, column_types=dict.fromkeys(columns, pa.string())
                 ),
@@ -135,11 +132,14 @@ def _column_names(spec: InputSpec) -> list[str]:
         if spec.input_format == "parquet":
             return pq.read_schema(path).names
         if spec.input_format in ("csv", "tsv"):
-            delimiter = "\t" if spec.input_format == "tsv" else ","
-            return pa_csv.open_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter)).schema.names
+            return pa_csv.open_csv(path, parse_options=_csv_options(spec)).schema.names
         return pa_json.read_json(path).schema.names
     except (pa.ArrowInvalid, OSError) as err:
         raise _unreadable(spec, err) from None
+
+
+def _csv_options(spec: InputSpec) -> pa_csv.ParseOptions:
+    return pa_csv.ParseOptions(delimiter="\t" if spec.input_format == "tsv" else ",")
 
 
 def _as_strings(column: pa.Array) -> pa.Array:

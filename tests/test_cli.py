@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import yaml
 from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
+from pipeline.layout import OutputLayout
 from pipeline.sample_web import Route
 from pipeline.synthetic.splits import JUNK, web_split
 from pipeline.synthetic.trained import shipped_models
@@ -55,7 +56,7 @@ def test_demo_runs_offline_on_its_own_local_ray(tmp_path):
     assert "input rows" in done.stdout and "kept" in done.stdout
     # The trained filter drops the web captions the generator corrupted beyond doubt.
     rows = [
-        r for p in (tmp_path / "output" / "shards").glob("*.parquet") for r in pq.read_table(p).to_pylist()
+        r for p in OutputLayout(tmp_path / "output").shard_parquets() for r in pq.read_table(p).to_pylist()
     ]
     web = web_split(12, seed=0)
     junk = [r for r in rows if web_index(r["url"]) is not None and web[web_index(r["url"])].kind == JUNK]

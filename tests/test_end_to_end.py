@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def _read_all(layout: OutputLayout) -> list[dict]:
-    return [r for p in sorted(layout.shards.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    return [r for p in layout.shard_parquets() for r in pq.read_table(p).to_pylist()]
 
 
 @pytest.fixture(scope="module")

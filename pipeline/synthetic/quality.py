@@ -52,8 +52,7 @@ def run_quality(seed: int = 0, rows: int = 1000, eval_rows: int = 300, out: Path
         started = time.monotonic()
         result = run_web_job(work, pairs, models, address=address, log=log)
         pipeline_s = time.monotonic() - started
-        shards = sorted(result.layout.shards.glob("*.parquet"))
-        table = [row for path in shards for row in pq.read_table(path).to_pylist()]
+        table = [row for path in result.layout.shard_parquets() for row in pq.read_table(path).to_pylist()]
     threshold = float(result.manifest["spec"]["filter"]["threshold"])
     outcomes = _outcomes(pairs, table)
     log("pretraining the dual encoder on raw and on CapFilt captions ...")

@@ -111,7 +111,7 @@ def swap_one_attribute(scene: Scene, rng: np.random.Generator) -> Scene:
     return scene.with_attribute(name, others[int(rng.integers(len(others)))])
 
 
-_SEO_WORDS = ("cheap", "deals", "free", "shipping", "buy", "now", "sale", "discount", "online", "shop",
+SEO_WORDS = ("cheap", "deals", "free", "shipping", "buy", "now", "sale", "discount", "online", "shop",
               "hd", "wallpaper", "download", "best", "price", "official", "store", "new", "trending",
               "premium", "quality", "gift", "ideas", "review", "coupon")  # fmt: skip
 
@@ -121,14 +121,14 @@ def _junk(rng: np.random.Generator) -> str:
     options = [
         f"IMG_{n:04d}.jpg", f"DSC{n:05d}.JPG", f"photo-{n}.png", "click here", "click here to enlarge",
         f"image {int(rng.integers(1, 12))} of 12", "untitled", "thumbnail", "no description available",
-        ", ".join(rng.choice(_SEO_WORDS, size=int(rng.integers(4, 9)), replace=False)),
+        ", ".join(rng.choice(SEO_WORDS, size=int(rng.integers(4, 9)), replace=False)),
     ]  # fmt: skip
     return str(options[int(rng.integers(len(options)))])
 
 
 def _rambling(scene: Scene, rng: np.random.Generator) -> str:
     thing = f"{scene.colour} {scene.shape}"
-    filler = " ".join(rng.choice(_SEO_WORDS, size=8, replace=True))
+    filler = " ".join(rng.choice(SEO_WORDS, size=8, replace=True))
     return (
         f"check out our amazing collection of {thing} designs, the best {thing} wallpaper for desktop "
         f"and phone, {filler}, updated every day so come back soon for more {thing} pictures"

@@ -14,6 +14,8 @@ and text goes through the same calls as in
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
 import time
 from collections.abc import Callable
@@ -24,9 +26,9 @@ import numpy as np
 import torch
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
-from pipeline.capfilt_stage import Normaliser
+from pipeline.capfilt_stage import Normaliser, itm_logits
 from pipeline.synthetic.pixels import IMAGE_SIZE, stored_pixels
-from pipeline.synthetic.splits import _SEO_WORDS, clean_split, swap_one_attribute
+from pipeline.synthetic.splits import SEO_WORDS, clean_split, swap_one_attribute
 from pipeline.synthetic.world import (
     BACKGROUNDS,
     COLOURS,
@@ -76,7 +78,7 @@ def vocabulary() -> dict[str, int]:
         words += describe(random_scene(rng), rng).replace(",", " , ").replace(":", " : ").split()
     words += [*SHAPES, *(s + "s" for s in SHAPES), *COLOURS, *BACKGROUNDS, "grey", "centre", "an"]
     words += _ALT_TEXT_WORDS.split()
-    words += list(_SEO_WORDS)
+    words += list(SEO_WORDS)
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
     punctuation = list(".,:;!?-_'\"()/&")
     tokens = [*specials, *words, *chars, *punctuation, *(f"##{c}" for c in chars)]
@@ -112,7 +114,8 @@ def train(
         path.mkdir(parents=True, exist_ok=True)
         model.eval().half().save_pretrained(path)  # half precision: the package ships a few MB, not 20
         processor.save_pretrained(path)
-        (path / "training.json").write_text(_json({**asdict(config), "shape": asdict(SHAPE)}))
+        training = {**asdict(config), "shape": asdict(SHAPE)}
+        (path / "training.json").write_text(json.dumps(training, indent=2, sort_keys=True) + "\n")
     log(f"wrote {paths.captioner} and {paths.itm} in {time.monotonic() - started:.0f} s")
     return paths
 
@@ -199,15 +202,8 @@ def _itm_loss(model: BlipForImageTextRetrieval, processor: BlipProcessor, pixel_
     texts += [_negative(scene, rng) for scene in scenes]
     labels = torch.tensor([1] * len(scenes) + [0] * len(scenes))
     image_embeds = model.vision_model(pixel_values=pixel_values)[0]
-    embeds = torch.cat([image_embeds, image_embeds])
-    batch = processor.tokenizer(texts, padding="longest", truncation=True, max_length=35, return_tensors="pt")
-    encoded = model.text_encoder(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        encoder_hidden_states=embeds,
-        encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long),
-    ).last_hidden_state
-    return torch.nn.functional.cross_entropy(model.itm_head(encoded[:, 0, :]), labels)
+    logits = itm_logits(model, processor.tokenizer, torch.cat([image_embeds, image_embeds]), texts)
+    return torch.nn.functional.cross_entropy(logits, labels)
 
 
 _NEGATIVE_KINDS = ("other", "swap", "swap", "words")  # hard negatives twice as often: they are the hard part
@@ -222,23 +218,13 @@ def _negative(scene: Scene, rng: np.random.Generator) -> str:
         while other.attributes == scene.attributes:
             other = random_scene(rng)
         return describe(other, rng)
-    words = [w for w in _word_list() if w.isalpha()]
-    return " ".join(rng.choice(words, size=int(rng.integers(1, 30))))
+    return " ".join(rng.choice(_whole_words(), size=int(rng.integers(1, 30))))
 
 
-_WORDS: list[str] = []
-
-
-def _word_list() -> list[str]:
-    if not _WORDS:
-        _WORDS.extend(t for t in vocabulary() if not t.startswith(("[", "##")))
-    return _WORDS
-
-
-def _json(data: dict) -> str:
-    import json
-
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+@functools.cache
+def _whole_words() -> tuple[str, ...]:
+    """The vocabulary's words (no specials, pieces or punctuation), built once, not per negative."""
+    return tuple(token for token in vocabulary() if token.isalpha())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--itm-steps", type=int, default=TrainConfig.itm_steps)
     parser.add_argument("--clean-rows", type=int, default=TrainConfig.clean_rows)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     config = TrainConfig(seed=args.seed, captioner_steps=args.captioner_steps, itm_steps=args.itm_steps,
                          clean_rows=args.clean_rows)  # fmt: skip
     train(args.out, config)

@@ -152,7 +152,7 @@ class ParsedCaption:
 
     def matches(self, scene: Scene) -> bool:
         """True when the caption states every attribute of the scene, and each one correctly."""
-        return all(getattr(self, a) == getattr(scene, a) for a in ATTRIBUTES)
+        return not self.wrong(scene)
 
     def wrong(self, scene: Scene) -> list[str]:
         """The attributes that are missing or wrong."""
