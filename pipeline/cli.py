@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import SpecError, load_spec
+from pipeline.job_output import OutputError
 
 DEMO_ROWS = 300  # 29 s on 2 cores (README: `time capfilt demo`)
 
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.handler(args)
-    except SpecError as err:
+    except (SpecError, OutputError) as err:
         print(f"capfilt: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
@@ -52,6 +53,47 @@ def _demo(args: argparse.Namespace) -> int:
         f"{models / 'captioner'} and {models / 'itm'} (usable as captioner.model and filter.model)"
     )
     return 0 if result.complete else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspect_text import format_inspection
+    from pipeline.inspection import inspect_output
+    from pipeline.job_output import JobOutput
+
+    output = JobOutput.open(args.out_dir)
+    found = inspect_output(output, samples=args.samples)
+    print(format_inspection(found, output.layout.root))
+    if args.html:
+        from pipeline.report_html import write_report
+
+        write_report(found, output, Path(args.html))
+        print(f"\nreport: {args.html}")
+    return 0
+
+
+def _rethreshold(args: argparse.Namespace) -> int:
+    from pipeline.job_output import JobOutput
+    from pipeline.rethreshold import rethreshold
+    from pipeline.summary import format_summary
+
+    manifest = rethreshold(JobOutput.open(args.out_dir), args.threshold, Path(args.out))
+    print(format_summary(manifest, args.out))
+    return 0
+
+
+def _retry_failed(args: argparse.Namespace) -> int:
+    from pipeline.job_output import JobOutput
+    from pipeline.retry import retry_failed
+    from pipeline.summary import format_summary
+
+    result = retry_failed(JobOutput.open(args.out_dir), address=args.address or os.environ.get("RAY_ADDRESS"))
+    if result.retried:
+        now = ", ".join(f"{n} {fate}" for fate, n in result.fates.items() if n)
+        print(f"retried {result.retried} rows whose download had failed: now {now}")
+    else:
+        print("no row's download had failed: nothing to retry")
+    print(format_summary(result.manifest, args.out_dir))
+    return 0 if result.manifest["complete"] else 1
 
 
 def _tiny_models(args: argparse.Namespace) -> int:
@@ -100,6 +142,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--address", help="Ray address of a running cluster")
     demo.set_defaults(handler=_demo)
+
+    inspect = commands.add_parser(
+        "inspect", help="what a job kept and dropped, and why (works on a running or unfinished job)"
+    )
+    inspect.add_argument("out_dir", help="the job's output.path")
+    inspect.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    inspect.add_argument("--samples", type=int, default=24, help="sample images in the HTML report")
+    inspect.set_defaults(handler=_inspect)
+
+    rethreshold = commands.add_parser(
+        "rethreshold", help="write the output for another ITM threshold from the stored scores (no GPU)"
+    )
+    rethreshold.add_argument("out_dir", help="the job's output.path (left as it is)")
+    rethreshold.add_argument("--threshold", type=float, required=True, help="the new ITM threshold")
+    rethreshold.add_argument("--out", required=True, help="a new directory for the new output")
+    rethreshold.set_defaults(handler=_rethreshold)
+
+    retry = commands.add_parser(
+        "retry-failed", help="download again the rows whose download failed, caption, filter and fold them in"
+    )
+    retry.add_argument("out_dir", help="the job's output.path (updated in place)")
+    retry.add_argument("--address", help="Ray address of a running cluster")
+    retry.set_defaults(handler=_retry_failed)
 
     tiny = commands.add_parser("tiny-models", help="write tiny BLIP captioner and ITM checkpoints")
     tiny.add_argument("dir", help="writes DIR/captioner and DIR/itm")

@@ -165,6 +165,15 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 
 def spec_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """A spec to run: validated, typed, and its URL list must exist."""
+    spec = typed_spec(raw, overrides)
+    _check_files(spec)
+    return spec
+
+
+def typed_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Validated and typed, without looking at the files it names: how a finished job's spec is read
+    back from its manifest (its URL list may be long gone)."""
     if not isinstance(raw, dict):
         raise SpecError(f"the spec must be a mapping of sections, not {type(raw).__name__}")
     raw = json.loads(json.dumps(raw, default=str))  # deep copy; dates and the like become strings
@@ -172,9 +181,7 @@ def spec_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> Job
         _apply_override(raw, item)
     _validate(raw)
     sections = {name: cls(**_tuples(raw.get(name, {}))) for name, cls in _SECTIONS.items() if name in raw}
-    spec = JobSpec(**sections)
-    _check_files(spec)
-    return spec
+    return JobSpec(**sections)
 
 
 def _tuples(section: dict[str, Any]) -> dict[str, Any]:

@@ -55,12 +55,14 @@ def run_job(spec: JobSpec, address: str | None = None, log: Log = print) -> JobR
         rows = prepare(spec.input, spec.download.allow_private_networks, layout.prepared_input,
                        spec.download_fingerprint(), downloaded=bool(layout.downloaded_shards()))  # fmt: skip
         names = [f"{i:05d}" for i in range(math.ceil(rows / spec.output.shard_size))]
+        # Written now, so that `capfilt inspect` can follow a job that is running or died half way.
+        reports = {n: r for n in names if (r := layout.finished_report(n, fingerprint)) is not None}
+        write_json_atomically(layout.manifest, build_manifest(spec, rows, names, reports, {}))
         if rows:
             DownloadStage(spec, layout).run(distributor="ray")
         downloaded = set(layout.downloaded_shards())
         unfinished = "download did not finish; run the job again to retry"
         errors = {n: unfinished for n in names if n not in downloaded}
-        reports = {n: r for n in names if (r := layout.finished_report(n, fingerprint)) is not None}
         pending = [n for n in names if n in downloaded and n not in reports]
         log(f"capfilt: {rows} input rows in {len(names)} shards: {len(reports)} already done, "
             f"{len(pending)} to caption and filter, {len(errors)} not downloaded")  # fmt: skip

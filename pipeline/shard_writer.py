@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
@@ -33,6 +34,9 @@ from pipeline.url_list import CAPTION, ERROR, FATE, URL
 
 Record = dict[str, Any]
 
+# A fixed member time: a shard is then a pure function of its raw shard, scores and spec, byte for byte.
+_TAR_MTIME = 0.0
+
 
 @dataclass(frozen=True)
 class Scores:
@@ -45,6 +49,7 @@ class Scores:
 
 
 def scores_by_key(chunks: Iterable[Chunk]) -> dict[str, Scores]:
+    """The CapFilt actor's results, by sample key."""
     found = {}
     for c in chunks:
         for i, key in enumerate(c["keys"]):
@@ -52,10 +57,28 @@ def scores_by_key(chunks: Iterable[Chunk]) -> dict[str, Scores]:
             found[key] = Scores(
                 decode_error=str(c["decode_errors"][i]),
                 synthetic_captions=[str(t) for t in c["synthetic_captions"][i]],
-                caption_itm=None if web is None or math.isnan(web) else float(web),
-                synthetic_itm=[float(s) for s in c["synthetic_itm"][i]],
+                caption_itm=None if web is None or math.isnan(web) else _as_stored(web),
+                synthetic_itm=[_as_stored(s) for s in c["synthetic_itm"][i]],
             )
     return found
+
+
+def scores_from_records(records: Iterable[Record]) -> dict[str, Scores]:
+    """The scores an output shard stores, by key: what rethreshold and retry-failed write a shard from
+    again, through the same `ShardWriter` as the job, instead of running the models again."""
+    found = {}
+    for r in records:
+        if r["status"] in (Fate.KEPT, Fate.FILTERED):
+            found[r["key"]] = Scores("", r["synthetic_captions"], r["caption_itm"], r["synthetic_itm"])
+        elif r["status"] == Fate.DECODE_FAILED:  # the writer asks only for rows img2dataset downloaded
+            found[r["key"]] = Scores(r["error"], [], None, [])
+    return found
+
+
+def _as_stored(score: float) -> float:
+    """The score as the Parquet stores it (float32), so the keep rule decides on the stored value and
+    deciding again from the Parquet gives the same answer."""
+    return float(np.float32(score))
 
 
 @dataclass(frozen=True)
@@ -141,7 +164,7 @@ class ShardWriter:
                 key, _, ext = member.name.partition(".")
                 if ext == "jpg" and key in kept:
                     images[key] = raw.extractfile(member).read()  # type: ignore[union-attr]
-        with open(temporary_name(path), "wb") as stream, wds.TarWriter(stream) as sink:
+        with open(temporary_name(path), "wb") as stream, wds.TarWriter(stream, mtime=_TAR_MTIME) as sink:
             for key, record in kept.items():
                 sink.write({"__key__": key, "jpg": images[key], "json": json.dumps(record).encode(),
                             "txt": record["selected_caption"].encode()})  # fmt: skip

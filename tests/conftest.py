@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import JobSpec, spec_from_dict
+from pipeline.runner import JobResult
 from pipeline.sample_web import SamplePair, StaticSite, sample_web
 from pipeline.tiny_models import TinyModelPaths, write_tiny_models
 
@@ -72,3 +73,21 @@ def make_spec(
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return spec_from_dict(raw)
+
+
+@pytest.fixture(scope="session")
+def curated_job(tmp_path_factory, ray_local) -> JobResult:
+    """A finished job as users get one: a noisy web split of the synthetic world and the hostile cases,
+    curated by the shipped trained models into 5 shards, with kept and filtered images, dropped web
+    captions and every failure fate. Shared read-only by the tests of what users do with an output
+    (inspect, report, rethreshold, loader); a test that changes an output runs its own job."""
+    from pipeline.sample_web import hostile_pairs
+    from pipeline.synthetic.splits import web_split
+    from pipeline.synthetic.trained import export_trained_models
+    from pipeline.synthetic.web_job import run_web_job
+
+    out = tmp_path_factory.mktemp("curated")
+    models = export_trained_models(out / "models")
+    result = run_web_job(out, web_split(80, seed=3), models, extra=hostile_pairs(3), log=lambda _: None)
+    assert result.complete
+    return result

@@ -98,3 +98,9 @@ def test_ctrl_c_during_the_download_exits_130_and_says_so(tmp_path, web):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr[-3000:]
     assert "interrupted; finished shards are kept" in stderr
+
+    # the manifest was written before the download, so the job that died can be inspected
+    inspected = subprocess.run([*CAPFILT, "inspect", str(tmp_path / "out")], capture_output=True, text=True)
+    assert inspected.returncode == 0, inspected.stderr
+    assert "INCOMPLETE: 0 of 1 shards written" in inspected.stdout
+    assert f"{'(not written yet)':<18}{1:>10}" in inspected.stdout

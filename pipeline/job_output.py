@@ -1,0 +1,103 @@
+"""A job's output directory as its readers see it: `inspect`, `rethreshold` and `retry-failed`.
+
+The manifest names the job's spec and its shards. Whether a shard is complete is decided by the
+shard's own completion marker (written last, carrying the spec's fingerprint), not by the manifest,
+so a job that is still running, or died half way, reads correctly: the complete shards are read and
+the rest are reported as missing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import JobSpec, SpecError, typed_spec
+from pipeline.layout import OutputLayout
+from pipeline.manifest import DONE, FAILED, PENDING
+
+
+class OutputError(ValueError):
+    """An output directory that cannot be used as asked, as one line that names it."""
+
+
+@dataclass(frozen=True)
+class ShardState:
+    name: str
+    status: str  # DONE, PENDING or FAILED
+    report: dict[str, Any] | None  # the completion marker's report when DONE
+    error: str | None  # why, when FAILED
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    layout: OutputLayout
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> JobOutput:
+        root = Path(path)
+        if not root.is_dir():
+            raise OutputError(f"{root}: no such directory")
+        layout = OutputLayout(root)
+        if not layout.manifest.is_file():
+            raise OutputError(
+                f"{root}: no manifest.json: not a capfilt output, or its job stopped before it had read "
+                "its URL list"
+            )
+        try:
+            manifest = json.loads(layout.manifest.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise OutputError(f"{layout.manifest}: unreadable: {' '.join(str(err).split())}") from None
+        return cls(layout, manifest)
+
+    @property
+    def spec(self) -> JobSpec:
+        try:
+            return typed_spec(self.manifest["spec"])
+        except SpecError as err:
+            raise OutputError(
+                f"{self.layout.manifest}: the job spec it records is not valid: {err}"
+            ) from None
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["spec"]["filter"]["threshold"])
+
+    @property
+    def input_rows(self) -> int:
+        return int(self.manifest["input_rows"])
+
+    def shards(self) -> list[ShardState]:
+        """Every shard of the job, DONE when its completion marker says so, in shard order."""
+        states = []
+        for entry in self.manifest["shards"]:
+            name = entry["shard"]
+            report = self.layout.finished_report(name, self.manifest["fingerprint"])
+            if report is not None:
+                states.append(ShardState(name, DONE, report, None))
+            elif entry["status"] == FAILED:
+                states.append(ShardState(name, FAILED, None, entry.get("error")))
+            else:
+                states.append(ShardState(name, PENDING, None, None))
+        return states
+
+    def done_shards(self) -> list[str]:
+        return [s.name for s in self.shards() if s.status == DONE]
+
+    def read_shard(self, name: str) -> pa.Table:
+        return pq.read_table(self.layout.shard_parquet(name))
+
+    def require_complete(self, command: str) -> None:
+        """`command` needs every shard written (it rewrites the job's output as a whole)."""
+        unfinished = [s.name for s in self.shards() if s.status != DONE]
+        if unfinished:
+            raise OutputError(
+                f"{self.layout.root}: the job is not complete ({len(unfinished)} of "
+                f"{len(self.manifest['shards'])} shards not written, first {unfinished[0]}); "
+                f"finish it with `capfilt run` (it resumes), then {command}"
+            )

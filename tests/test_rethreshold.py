@@ -1,0 +1,125 @@
+"""`capfilt rethreshold`: the output at another threshold from the stored scores, through the job's own
+shard writer, with no model; every row still accounted for."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline.cli import main
+from pipeline.config import typed_spec
+from pipeline.decide import candidates
+from pipeline.fates import Fate
+from pipeline.job_output import JobOutput, OutputError
+from pipeline.layout import OutputLayout
+from pipeline.rethreshold import rethreshold
+from pipeline.runner import run_job
+
+
+def _records(layout: OutputLayout) -> list[dict]:
+    return [r for p in layout.shard_parquets() for r in pq.read_table(p).to_pylist()]
+
+
+def _kept_keys_in_tars(layout: OutputLayout) -> Counter:
+    tars = [str(p) for p in sorted(layout.shards.glob("*.tar"))]
+    return Counter(s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False, empty_check=False))
+
+
+def test_the_jobs_own_threshold_reproduces_its_shards_byte_for_byte(curated_job, tmp_path):
+    source = curated_job.layout
+    assert main(["rethreshold", str(source.root), "--threshold", "0.5", "--out", str(tmp_path / "same")]) == 0
+    new = OutputLayout(tmp_path / "same")
+    names = sorted(p.name for p in source.shards.glob("*.tar")) + [p.name for p in source.shard_parquets()]
+    assert len(names) == 10
+    for name in names:
+        assert (new.shards / name).read_bytes() == (source.shards / name).read_bytes(), name
+    manifest = json.loads(new.manifest.read_text())
+    assert manifest["counts"] == curated_job.manifest["counts"] and manifest["complete"]
+    assert manifest["rethresholded_from"] == {"path": str(source.root.resolve()), "threshold": 0.5}
+    assert new.downloads.is_symlink() and new.downloads.resolve() == source.downloads.resolve()
+
+
+def test_higher_thresholds_keep_fewer_and_account_for_every_row(curated_job, tmp_path):
+    original = _records(curated_job.layout)
+    kept_counts = []
+    for t in (0.5, 0.9, 0.98, 0.99, 1.0):
+        manifest = rethreshold(JobOutput.open(curated_job.layout.root), t, tmp_path / f"t{t}")
+        layout = OutputLayout(tmp_path / f"t{t}")
+        records = _records(layout)
+        assert sorted(r["key"] for r in records) == sorted(r["key"] for r in original)
+        assert sum(manifest["counts"].values()) == manifest["input_rows"] == len(original)
+        assert manifest["counts"] == {f.value: sum(r["status"] == f for r in records) for f in Fate}
+        for old, new in zip(
+            sorted(original, key=lambda r: r["key"]), sorted(records, key=lambda r: r["key"]), strict=True
+        ):
+            if old["status"] not in (Fate.KEPT, Fate.FILTERED):
+                assert new == old  # failure fates do not depend on the threshold
+                continue
+            found = candidates(
+                new["caption"], new["caption_itm"], new["synthetic_captions"], new["synthetic_itm"]
+            )
+            assert new["status"] == ("kept" if any(c.itm >= t for c in found) else "filtered")
+            assert all(c["itm"] >= t for c in new["kept_captions"])
+        assert _kept_keys_in_tars(layout) == Counter(r["key"] for r in records if r["status"] == "kept")
+        kept_counts.append(manifest["counts"]["kept"])
+    assert kept_counts == sorted(kept_counts, reverse=True)
+    assert kept_counts[0] > kept_counts[-2] > kept_counts[-1] == 0
+
+
+def test_a_lower_threshold_keeps_images_the_job_filtered_with_their_pictures(curated_job, tmp_path):
+    filtered = {r["key"] for r in _records(curated_job.layout) if r["status"] == "filtered"}
+    assert filtered
+    rethreshold(JobOutput.open(curated_job.layout.root), 0.0, tmp_path / "all")
+    layout = OutputLayout(tmp_path / "all")
+    now = {r["key"]: r for r in _records(layout)}
+    assert all(now[k]["status"] == "kept" for k in filtered)
+    images = {
+        s["__key__"]: s["jpg"]
+        for s in wds.WebDataset([str(p) for p in layout.shards.glob("*.tar")], shardshuffle=False)
+    }
+    assert filtered <= set(images) and all(images[k][:2] == b"\xff\xd8" for k in filtered)
+    # a rethreshold of a rethreshold finds the raw shards through the link
+    rethreshold(JobOutput.open(layout.root), 0.5, tmp_path / "back")
+    for name in sorted(p.name for p in curated_job.layout.shards.glob("*.tar")):
+        assert (tmp_path / "back" / "shards" / name).read_bytes() == (
+            curated_job.layout.shards / name
+        ).read_bytes()
+
+
+def test_a_rethresholded_output_is_a_complete_job_output_for_its_spec(curated_job, tmp_path, ray_local):
+    manifest = rethreshold(JobOutput.open(curated_job.layout.root), 0.9, tmp_path / "strict")
+    logs = []
+    result = run_job(typed_spec(manifest["spec"]), log=logs.append)
+    assert result.complete and result.manifest["counts"] == manifest["counts"]
+    assert any("5 already done, 0 to caption and filter" in line for line in logs), logs
+
+
+def test_refusals_name_what_is_wrong(curated_job, tmp_path, capsys):
+    source = str(curated_job.layout.root)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "something").write_text("x")
+    cases = [
+        (["--threshold", "1.5", "--out", str(tmp_path / "a")], "--threshold: 1.5 is not an ITM probability"),
+        (["--threshold", "0.6", "--out", source], "must be a new directory"),
+        (["--threshold", "0.6", "--out", str(tmp_path / "full")], "not empty"),
+    ]
+    for args, message in cases:
+        assert main(["rethreshold", source, *args]) == 2
+        assert message in capsys.readouterr().err
+
+    half = tmp_path / "half"
+    shutil.copytree(curated_job.layout.root, half, symlinks=True)
+    OutputLayout(half).shard_report("00001").unlink()
+    with pytest.raises(OutputError, match=r"not complete \(1 of 5 shards not written, first 00001\)"):
+        rethreshold(JobOutput.open(half), 0.6, tmp_path / "b")
+    shutil.rmtree(OutputLayout(half).downloads)
+    OutputLayout(half).shard_report("00001").write_text(
+        (curated_job.layout.shards / "00001.done.json").read_text()
+    )
+    with pytest.raises(OutputError, match="needs the job's downloads/"):
+        rethreshold(JobOutput.open(half), 0.6, tmp_path / "c")

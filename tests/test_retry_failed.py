@@ -1,0 +1,104 @@
+"""`capfilt retry-failed`: URLs that failed the first time and work now are downloaded, captioned,
+filtered and folded into the output; counts stay exact and no key appears twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline.cli import main
+from pipeline.fates import Fate
+from pipeline.job_output import JobOutput
+from pipeline.layout import OutputLayout
+from pipeline.retry import RETRY_DIR, retry_failed
+from pipeline.runner import run_job
+from pipeline.sample_web import Route, jpeg_bytes, render_scene
+from tests.conftest import make_spec
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _records(layout: OutputLayout) -> list[dict]:
+    return [r for p in layout.shard_parquets() for r in pq.read_table(p).to_pylist()]
+
+
+def _tar_keys(layout: OutputLayout) -> Counter:
+    tars = [str(p) for p in sorted(layout.shards.glob("*.tar"))]
+    return Counter(s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False, empty_check=False))
+
+
+def test_rows_that_failed_and_work_now_are_folded_in(tmp_path, web, tiny_models, capsys):
+    site, pairs = web
+    flaky = {f"/flaky/{i}.jpg": jpeg_bytes(render_scene(500 + i)[0]) for i in range(3)}
+    for path in flaky:
+        site.add(path, Route(status=503))
+    good = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:9]
+    rows = [
+        *good[:3],
+        (site.url("/flaky/0.jpg"), "flaky zero"),
+        *good[3:6],
+        (site.url("/flaky/1.jpg"), None),
+        (site.url("/flaky/gone.jpg"), "gone for good"),
+        *good[6:],
+        (site.url("/flaky/2.jpg"), "flaky two"),
+    ]
+    spec = make_spec(tmp_path, rows, tiny_models, output={"shard_size": 4})
+    first = run_job(spec, log=lambda _: None)
+    layout = first.layout
+    before = {r["key"]: r for r in _records(layout)}
+    failed = {r["url"]: r["key"] for r in before.values() if r["status"] == Fate.DOWNLOAD_FAILED}
+    assert first.manifest["counts"][Fate.DOWNLOAD_FAILED] == 4 == len(failed)
+
+    for path, body in flaky.items():  # the server is back
+        site.add(path, Route(body=body, headers=(("Content-Type", "image/jpeg"),)))
+    assert main(["retry-failed", str(layout.root)]) == 0
+    out = capsys.readouterr().out
+    assert "retried 4 rows whose download had failed: now" in out and "1 download_failed" in out
+
+    after = {r["key"]: r for r in _records(layout)}
+    assert sorted(after) == sorted(before)  # the same keys, each once
+    for path, body in flaky.items():
+        record = after[failed[site.url(path)]]
+        assert record["status"] in (Fate.KEPT, Fate.FILTERED), record
+        assert record["sha256"] == hashlib.sha256(body).hexdigest() and record["synthetic_itm"]
+    assert after[failed[site.url("/flaky/gone.jpg")]]["status"] == Fate.DOWNLOAD_FAILED
+    unchanged = [k for k in before if k not in failed.values()]
+    assert all(after[k] == before[k] for k in unchanged)  # nothing else was scored again
+
+    manifest = json.loads(layout.manifest.read_text())
+    assert manifest["complete"] and sum(manifest["counts"].values()) == manifest["input_rows"] == len(rows)
+    assert manifest["counts"] == {f.value: sum(r["status"] == f for r in after.values()) for f in Fate}
+    assert manifest["counts"][Fate.DOWNLOAD_FAILED] == 1
+    assert _tar_keys(layout) == Counter(k for k, r in after.items() if r["status"] == Fate.KEPT)
+    assert not (layout.root / RETRY_DIR).exists()
+
+    # a resumed run of the same spec finds every shard done and changes nothing
+    logs = []
+    again = run_job(spec, log=logs.append)
+    assert again.manifest["counts"] == manifest["counts"]
+    assert any("0 to caption and filter" in line for line in logs), logs
+
+    # a second retry asks only for the row that still fails
+    hits = {path: site.hits(path) for path in [*flaky, "/flaky/gone.jpg"]}
+    result = retry_failed(JobOutput.open(layout.root), log=lambda _: None)
+    assert result.retried == 1 and result.fates[Fate.DOWNLOAD_FAILED] == 1
+    assert site.hits("/flaky/gone.jpg") == hits["/flaky/gone.jpg"] + 1
+    assert all(site.hits(path) == hits[path] for path in flaky)
+    assert {r["key"]: r for r in _records(layout)} == after
+
+
+def test_nothing_to_retry_leaves_the_output_as_it_is(tmp_path, web, tiny_models, capsys):
+    site, pairs = web
+    rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:3]
+    result = run_job(make_spec(tmp_path, rows, tiny_models), log=lambda _: None)
+    shards = {p.name: p.read_bytes() for p in result.layout.shards.iterdir() if not p.name.endswith(".json")}
+    assert main(["retry-failed", str(result.layout.root)]) == 0
+    assert "nothing to retry" in capsys.readouterr().out
+    assert {
+        p.name: p.read_bytes() for p in result.layout.shards.iterdir() if not p.name.endswith(".json")
+    } == shards
