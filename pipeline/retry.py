@@ -47,6 +47,15 @@ class FailedRow:
 
 
 @dataclass(frozen=True)
+class RetriedRow:
+    """A failed row after its retry, under its original key."""
+
+    raw: dict[str, Any]  # its row of img2dataset's shard Parquet
+    record: dict[str, Any]  # its output record (fate, scores)
+    image: bytes | None  # the downloaded image, None unless it downloaded
+
+
+@dataclass(frozen=True)
 class RetryResult:
     manifest: dict[str, Any]
     retried: int
@@ -57,24 +66,24 @@ def retry_failed(
     output: JobOutput, address: str | None = None, log: Callable[[str], None] = print
 ) -> RetryResult:
     output.require_complete("retry its failed downloads")
+    if output.layout.downloads.is_symlink():
+        raise OutputError(
+            f"{output.layout.root}: its downloads/ belong to {output.layout.downloads.resolve().parent} "
+            "(it was written by rethreshold); retry that output, then rethreshold it again"
+        )
     spec = output.spec
     failed = failed_downloads(output)
     if failed:
         log(f"capfilt: retrying {len(failed)} rows whose download failed")
         retried = _download_and_score(output, spec, failed, address, log)
         writer = ShardWriter(output.layout, spec.filter.threshold, spec.fingerprint())
-        by_shard: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any], bytes | None]]] = defaultdict(
-            dict
-        )
+        by_shard: dict[str, dict[str, RetriedRow]] = defaultdict(dict)
         for row, result in zip(failed, retried, strict=True):
             by_shard[row.shard][row.key] = result
         for shard, results in by_shard.items():
             _patch_raw_shard(output.layout, shard, results)
-            records = output.read_shard(shard).to_pylist()
-            scores = scores_from_records(records) | scores_from_records(
-                record for _, record, _ in results.values()
-            )
-            writer.write(shard, scores)
+            stored = scores_from_records(output.read_shard(shard).to_pylist())
+            writer.write(shard, stored | scores_from_records(r.record for r in results.values()))
         shutil.rmtree(output.layout.root / RETRY_DIR)
     names = [s["shard"] for s in output.manifest["shards"]]
     reports = {n: output.layout.finished_report(n, spec.fingerprint()) for n in names}
@@ -97,9 +106,8 @@ def failed_downloads(output: JobOutput) -> list[FailedRow]:
 
 def _download_and_score(
     output: JobOutput, spec: JobSpec, failed: list[FailedRow], address: str | None, log: Callable[[str], None]
-) -> list[tuple[dict[str, Any], dict[str, Any], bytes | None]]:
-    """Run the failed rows as a job of their own; for each, in order: its raw row, its output record
-    and its image bytes (None unless downloaded), all under the ORIGINAL key."""
+) -> list[RetriedRow]:
+    """Run the failed rows as a job of their own; return their results in order, under the ORIGINAL keys."""
     from pipeline.runner import run_job
 
     work = output.layout.root / RETRY_DIR
@@ -146,29 +154,26 @@ def _download_and_score(
             raise RuntimeError(
                 f"retry row {retry_key} is {record['url']!r}, expected {row.url!r} (key {row.key})"
             )
-        results.append(
-            ({**raw_rows[retry_key], "key": row.key}, {**record, "key": row.key}, images.get(retry_key))
-        )
+        raw = {**raw_rows[retry_key], "key": row.key}
+        results.append(RetriedRow(raw, {**record, "key": row.key}, images.get(retry_key)))
     return results
 
 
-def _patch_raw_shard(
-    layout: OutputLayout, shard: str, results: dict[str, tuple[dict[str, Any], dict[str, Any], bytes | None]]
-) -> None:
+def _patch_raw_shard(layout: OutputLayout, shard: str, results: dict[str, RetriedRow]) -> None:
     """Replace the retried rows of raw shard `shard` (Parquet rows and tar members) by their retry."""
     parquet = layout.raw_parquet(shard)
     table = pq.read_table(parquet)
-    rows = [results[r["key"]][0] if r["key"] in results else r for r in table.to_pylist()]
+    rows = [results[r["key"]].raw if r["key"] in results else r for r in table.to_pylist()]
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), temporary_name(parquet))
     tar = layout.raw_tar(shard)
     with tarfile.open(tar) as old, tarfile.open(temporary_name(tar), "w") as new:
         for member in old:
             if member.name.partition(".")[0] not in results:
                 new.addfile(member, old.extractfile(member))
-        for key, (raw, _, image) in sorted(results.items()):
-            if image is not None:
-                _add(new, f"{key}.jpg", image)
-                _add(new, f"{key}.json", json.dumps(raw, default=str).encode())
+        for key, retried in sorted(results.items()):
+            if retried.image is not None:
+                _add(new, f"{key}.jpg", retried.image)
+                _add(new, f"{key}.json", json.dumps(retried.raw, default=str).encode())
     os.replace(temporary_name(parquet), parquet)
     os.replace(temporary_name(tar), tar)
 

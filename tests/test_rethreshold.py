@@ -18,6 +18,7 @@ from pipeline.fates import Fate
 from pipeline.job_output import JobOutput, OutputError
 from pipeline.layout import OutputLayout
 from pipeline.rethreshold import rethreshold
+from pipeline.retry import retry_failed
 from pipeline.runner import run_job
 
 
@@ -97,6 +98,10 @@ def test_a_rethresholded_output_is_a_complete_job_output_for_its_spec(curated_jo
     result = run_job(typed_spec(manifest["spec"]), log=logs.append)
     assert result.complete and result.manifest["counts"] == manifest["counts"]
     assert any("5 already done, 0 to caption and filter" in line for line in logs), logs
+
+    # its raw shards are the source's: retry-failed there would change the source under it
+    with pytest.raises(OutputError, match="it was written by rethreshold"):
+        retry_failed(JobOutput.open(tmp_path / "strict"))
 
 
 def test_refusals_name_what_is_wrong(curated_job, tmp_path, capsys):
