@@ -62,11 +62,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
     output = JobOutput.open(args.out_dir)
     found = inspect_output(output, samples=args.samples)
-    print(format_inspection(found, output.layout.root))
-    if args.html:
+    if args.html:  # first: a closed stdout (`| head`) must not cost the report
         from pipeline.report_html import write_report
 
         write_report(found, output, Path(args.html))
+    print(format_inspection(found, output.layout.root))
+    if args.html:
         print(f"\nreport: {args.html}")
     return 0
 

@@ -8,7 +8,6 @@ from pipeline.decide import SYNTHETIC, WEB
 from pipeline.inspection import Inspection, ScoreHistogram
 from pipeline.manifest import DONE, FAILED, PENDING
 
-SHARDS_LISTED = 20  # more shards than this: only the unfinished ones are listed
 ERRORS_LISTED = 10
 
 
@@ -37,11 +36,7 @@ def _heading(found: Inspection, root: Path) -> str:
 def _fates(found: Inspection) -> str:
     whole = found.input_rows
     lines = [f"{'fate':<18}{'rows':>10}{'%':>8}"]
-    lines += [f"{fate:<18}{n:>10}{percent(n, whole):>8}" for fate, n in found.counts.items()]
-    if found.rows_missing:
-        lines.append(
-            f"{'(not written yet)':<18}{found.rows_missing:>10}{percent(found.rows_missing, whole):>8}"
-        )
+    lines += [f"{fate:<18}{n:>10}{percent(n, whole):>8}" for fate, n in found.fate_rows()]
     lines.append(f"{'input rows':<18}{whole:>10}")
     return "\n".join(lines)
 
@@ -72,7 +67,7 @@ def _scores(found: Inspection) -> str:
     ]
     for name, hist in ((WEB, found.web), (SYNTHETIC, found.synthetic)):
         lines.append(
-            f"  {name:<11}{hist.n:>9}" + _quantiles(hist) + f"{percent(hist.at_least(t), hist.n):>10}"
+            f"  {name:<11}{hist.n:>9}" + _quantiles(hist) + f"{percent(found.kept_at(t)[name], hist.n):>10}"
         )
     return "\n".join(lines)
 
@@ -86,9 +81,7 @@ def _quantiles(hist: ScoreHistogram) -> str:
 def _shards(found: Inspection) -> str:
     by_status = {s: sum(x.status == s for x in found.shards) for s in (DONE, FAILED, PENDING)}
     lines = ["shards: " + ", ".join(f"{n} {s}" for s, n in by_status.items())]
-    listed = (
-        found.shards if len(found.shards) <= SHARDS_LISTED else [s for s in found.shards if s.status != DONE]
-    )
+    listed = found.listed_shards()
     if listed:
         lines.append(f"  {'shard':<8}{'status':<9}{'rows':>7}{'kept':>7}{'filtered':>9}{'failed':>8}")
     for shard in listed:

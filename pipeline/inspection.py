@@ -24,6 +24,8 @@ from pipeline.job_output import JobOutput, ShardState
 from pipeline.manifest import DONE
 
 BINS = 1000
+SHARDS_LISTED = 20  # with more shards than this, reports list only the unfinished ones
+NOT_WRITTEN = "(not written yet)"
 FILTERED_REASON = "no caption reached the threshold"
 WEB_REPLACED = "web caption dropped, image kept with a synthetic caption"
 Row = dict[str, Any]
@@ -31,7 +33,8 @@ Row = dict[str, Any]
 
 @dataclass
 class ScoreHistogram:
-    """ITM probabilities on a 0.001 grid: `at_least(i / BINS)` is exact (1.0 has a bin of its own)."""
+    """ITM probabilities on a 0.001 grid: `at_least(i / BINS)` is exact (1.0 has a bin of its own); a
+    threshold between grid points is rounded up to the next one."""
 
     counts: np.ndarray = field(default_factory=lambda: np.zeros(BINS + 1, dtype=np.int64))
     total: float = 0.0
@@ -93,6 +96,7 @@ class Inspection:
     synthetic: ScoreHistogram = field(default_factory=ScoreHistogram)
     best: ScoreHistogram = field(default_factory=ScoreHistogram)  # each scored image's best caption
     scored_images: int = 0  # kept + filtered: the images that reached the filter
+    at_threshold: Counter[str] = field(default_factory=Counter)  # exact "images"/"web"/"synthetic" kept
     web_replaced: int = 0  # kept images whose web caption was dropped
     kept_by_source: Counter[str] = field(default_factory=Counter)
     selected_by_source: Counter[str] = field(default_factory=Counter)
@@ -119,17 +123,31 @@ class Inspection:
         """Input rows in shards not written yet."""
         return self.input_rows - self.rows_read
 
+    def fate_rows(self) -> list[tuple[str, int]]:
+        """Rows per fate, and the rows of shards not written yet when there are any."""
+        return list(self.counts.items()) + ([(NOT_WRITTEN, self.rows_missing)] if self.rows_missing else [])
+
+    def listed_shards(self) -> list[ShardState]:
+        """The shards a report lists: all of them, or only the unfinished ones of a big job."""
+        if len(self.shards) <= SHARDS_LISTED:
+            return self.shards
+        return [s for s in self.shards if s.status != DONE]
+
+    def kept_at(self, threshold: float) -> dict[str, int]:
+        """Images with at least one caption, web and synthetic captions kept at `threshold`: counted
+        exactly at the job's threshold, from the histograms elsewhere."""
+        if threshold == self.threshold:
+            return {name: self.at_threshold[name] for name in ("images", "web", "synthetic")}
+        return {name: hist.at_least(threshold) for name, hist in self._histograms().items()}
+
     def retention(self, threshold: float) -> dict[str, float]:
-        """Shares kept at `threshold`: images with at least one caption, web and synthetic captions."""
+        """The shares of `kept_at`: of the images that reached the filter, and of each source's captions."""
+        whole = {"images": self.scored_images, "web": self.web.n, "synthetic": self.synthetic.n}
+        kept = self.kept_at(threshold)
+        return {name: kept[name] / whole[name] if whole[name] else float("nan") for name in kept}
 
-        def share(part: int, whole: int) -> float:
-            return part / whole if whole else float("nan")
-
-        return {
-            "images": share(self.best.at_least(threshold), self.scored_images),
-            "web": share(self.web.at_least(threshold), self.web.n),
-            "synthetic": share(self.synthetic.at_least(threshold), self.synthetic.n),
-        }
+    def _histograms(self) -> dict[str, ScoreHistogram]:
+        return {"images": self.best, "web": self.web, "synthetic": self.synthetic}
 
 
 def inspect_output(
@@ -160,13 +178,18 @@ def _add_shard(found: Inspection, shard: str, table: pa.Table, priority: np.ndar
     found.samples.offer(shard, table, scored, priority)
 
     web_scores, web_present = _web_candidates(table)
-    found.web.add(web_scores[web_present & scored])
     synthetic_scores, parents = _synthetic_candidates(table)
-    found.synthetic.add(synthetic_scores[scored[parents]])
     best = np.where(web_present, web_scores, -1.0)
     if parents.size:
         np.maximum.at(best, parents, synthetic_scores)
-    found.best.add(best[scored & (best >= 0)])
+    candidates = {
+        "images": best[scored & (best >= 0)],
+        "web": web_scores[web_present & scored],
+        "synthetic": synthetic_scores[scored[parents]],
+    }
+    for name, hist in found._histograms().items():
+        hist.add(candidates[name])
+        found.at_threshold[name] += int((candidates[name] >= found.threshold).sum())
 
     kept_captions = table["kept_captions"]
     found.kept_by_source.update(pc.struct_field(pc.list_flatten(kept_captions), "source").to_pylist())

@@ -66,7 +66,7 @@ class JobOutput:
 
     @property
     def threshold(self) -> float:
-        return float(self.manifest["spec"]["filter"]["threshold"])
+        return self.spec.filter.threshold
 
     @property
     def input_rows(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-import tarfile
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,14 +24,15 @@ from PIL import Image
 from pipeline import __version__
 from pipeline.decide import SYNTHETIC, WEB, candidates
 from pipeline.fates import Fate
-from pipeline.inspect_text import SHARDS_LISTED, percent
+from pipeline.inspect_text import percent
 from pipeline.inspection import BINS, FILTERED_REASON, WEB_REPLACED, Inspection, Row, ScoreHistogram
 from pipeline.job_output import JobOutput
-from pipeline.manifest import DONE
+from pipeline.tars import read_jpegs
 
 THUMBNAIL_PX = 160
 CURVE_TABLE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _TEXT = ' class="text"'
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _WITH_IMAGES = {(Fate.FILTERED.value, FILTERED_REASON), (Fate.KEPT.value, WEB_REPLACED)}
 
 _STYLE = """
@@ -79,7 +80,9 @@ def write_report(found: Inspection, output: JobOutput, path: Path) -> None:
 
 
 def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+    """Text from the data as markup-free text; characters XML forbids (NUL, most C0 controls) become
+    U+FFFD, so the page stays well-formed whatever the web's alt-text holds."""
+    return _XML_FORBIDDEN.sub("\ufffd", html.escape(str(text), quote=True))
 
 
 def _section(title: str, content: str) -> str:
@@ -108,9 +111,7 @@ def _heading(found: Inspection, output: JobOutput) -> str:
 
 
 def _summary(found: Inspection) -> str:
-    fates = [(fate, n, percent(n, found.input_rows)) for fate, n in found.counts.items()]
-    if found.rows_missing:
-        fates.append(("(not written yet)", found.rows_missing, percent(found.rows_missing, found.input_rows)))
+    fates = [(fate, n, percent(n, found.input_rows)) for fate, n in found.fate_rows()]
     fates.append(("input rows", found.input_rows, ""))
     images = found.counts[Fate.KEPT]
     kept = sum(found.kept_by_source.values())
@@ -131,7 +132,7 @@ def _summary(found: Inspection) -> str:
             if hist.n
             else ["-"] * 4
         )
-        return (name, hist.n, *stats, percent(hist.at_least(found.threshold), hist.n))
+        return (name, hist.n, *stats, percent(found.kept_at(found.threshold)[name], hist.n))
 
     return _section("Rows per fate", _table(["fate", "rows", "%"], fates)) + _section(
         "Kept captions",
@@ -238,7 +239,7 @@ def _card(row: Row, threshold: float, thumbnails: dict[tuple[str, str], str]) ->
         selected = " selected" if c.text == row["selected_caption"] and state == "kept" else ""
         items.append(
             f'<li class="{state}{selected}"><span class="src {c.source}">{c.source}</span>'
-            f'<span class="score">{c.itm:.3f}</span>{_e(c.text)}</li>'
+            f'<span class="score" title="{c.itm!r}">{c.itm:.3f}</span>{_e(c.text)}</li>'
         )
     image = thumbnails.get((row["shard"], row["key"]))
     picture = (
@@ -283,9 +284,7 @@ def _group_size(found: Inspection, group: tuple[str, str]) -> int:
 
 
 def _shards(found: Inspection) -> str:
-    listed = (
-        found.shards if len(found.shards) <= SHARDS_LISTED else [s for s in found.shards if s.status != DONE]
-    )
+    listed = found.listed_shards()
     rows = [
         (s.name, s.status, s.report["counts"]["kept"], s.report["counts"]["filtered"], s.report["rows"], "")
         if s.report
@@ -319,18 +318,11 @@ def _thumbnails(output: JobOutput, rows: list[Row]) -> dict[tuple[str, str], str
         wanted.setdefault(row["shard"], set()).add(row["key"])
     found = {}
     for shard, keys in wanted.items():
-        missing = set(keys)
+        images: dict[str, bytes] = {}
         for tar in (output.layout.raw_tar(shard), output.layout.shard_tar(shard)):
-            if not missing or not tar.exists():
-                continue
-            with tarfile.open(tar) as archive:
-                for member in archive:  # a tar has no index: read until the last wanted image
-                    key, _, ext = member.name.partition(".")
-                    if ext == "jpg" and key in missing:
-                        found[(shard, key)] = _thumbnail(archive.extractfile(member).read())  # type: ignore[union-attr]
-                        missing.discard(key)
-                        if not missing:
-                            break
+            if tar.exists() and keys - set(images):
+                images |= read_jpegs(tar, keys - set(images))
+        found.update({(shard, key): _thumbnail(data) for key, data in images.items()})
     return found
 
 

@@ -3,12 +3,16 @@ filter them, and fold them into OUT, so that the counts stay exact and no key ap
 
 The failed rows become the URL list of a small job run in `OUT/_retry` with the job's own download,
 captioner and filter settings, through the same runner. Then every shard that had failed rows is
-patched in two steps, each idempotent, so an interrupted retry is finished by running it again:
+patched in two steps:
 
 1. its raw shard (`downloads/NNNNN.parquet` and `.tar`) takes the retried rows' download results under
-   their original keys, as if they had downloaded the first time;
+   their original keys, as if they had downloaded the first time (idempotent);
 2. its output shard is written again by the job's `ShardWriter`, from the scores it already stores
    plus the retried rows' scores. No image that was already scored goes through the models again.
+
+The writer takes the shard's done marker away before it rewrites, so a retry interrupted in step 2
+leaves that shard unfinished, never "done" with stale counts: `capfilt run` then redoes it from its
+patched raw shard (the retried downloads are kept), and the manifest is exact again.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from pipeline.fates import Fate, count_fates
 from pipeline.job_output import JobOutput, OutputError
 from pipeline.layout import OutputLayout, temporary_name, write_json_atomically
 from pipeline.manifest import build_manifest, check_accounting
-from pipeline.shard_writer import ShardWriter, scores_from_records
+from pipeline.shard_writer import Scores, ShardWriter, scores_from_records
+from pipeline.tars import read_jpegs
 
 RETRY_DIR = "_retry"
 
@@ -51,7 +56,7 @@ class RetriedRow:
     """A failed row after its retry, under its original key."""
 
     raw: dict[str, Any]  # its row of img2dataset's shard Parquet
-    record: dict[str, Any]  # its output record (fate, scores)
+    scores: Scores | None  # what the models said, when it downloaded and was scored
     image: bytes | None  # the downloaded image, None unless it downloaded
 
 
@@ -66,11 +71,6 @@ def retry_failed(
     output: JobOutput, address: str | None = None, log: Callable[[str], None] = print
 ) -> RetryResult:
     output.require_complete("retry its failed downloads")
-    if output.layout.downloads.is_symlink():
-        raise OutputError(
-            f"{output.layout.root}: its downloads/ belong to {output.layout.downloads.resolve().parent} "
-            "(it was written by rethreshold); retry that output, then rethreshold it again"
-        )
     spec = output.spec
     failed = failed_downloads(output)
     if failed:
@@ -83,8 +83,8 @@ def retry_failed(
         for shard, results in by_shard.items():
             _patch_raw_shard(output.layout, shard, results)
             stored = scores_from_records(output.read_shard(shard).to_pylist())
-            writer.write(shard, stored | scores_from_records(r.record for r in results.values()))
-        shutil.rmtree(output.layout.root / RETRY_DIR)
+            writer.write(shard, stored | {key: r.scores for key, r in results.items() if r.scores})
+    shutil.rmtree(output.layout.root / RETRY_DIR, ignore_errors=True)
     names = [s["shard"] for s in output.manifest["shards"]]
     reports = {n: output.layout.finished_report(n, spec.fingerprint()) for n in names}
     manifest = build_manifest(spec, output.input_rows, names, {n: r for n, r in reports.items() if r}, {})
@@ -139,11 +139,8 @@ def _download_and_score(
     for shard in sorted(s["shard"] for s in result.manifest["shards"]):
         raw_rows.update({r["key"]: r for r in pq.read_table(layout.raw_parquet(shard)).to_pylist()})
         records.update({r["key"]: r for r in pq.read_table(layout.shard_parquet(shard)).to_pylist()})
-        with tarfile.open(layout.raw_tar(shard)) as archive:
-            for member in archive:
-                key, _, ext = member.name.partition(".")
-                if ext == "jpg":
-                    images[key] = archive.extractfile(member).read()  # type: ignore[union-attr]
+        images.update(read_jpegs(layout.raw_tar(shard)))
+    scores = scores_from_records(records.values())
     retry_keys = sorted(records)  # img2dataset's keys follow the URL list's order
     if len(retry_keys) != len(failed):
         raise RuntimeError(f"retry job wrote {len(retry_keys)} rows for {len(failed)} failed rows")
@@ -155,7 +152,7 @@ def _download_and_score(
                 f"retry row {retry_key} is {record['url']!r}, expected {row.url!r} (key {row.key})"
             )
         raw = {**raw_rows[retry_key], "key": row.key}
-        results.append(RetriedRow(raw, {**record, "key": row.key}, images.get(retry_key)))
+        results.append(RetriedRow(raw, scores.get(retry_key), images.get(retry_key)))
     return results
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tarfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pipeline.fates import Fate, count_fates
 from pipeline.layout import OutputLayout, temporary_name, write_json_atomically
 from pipeline.records import SHARD_SCHEMA
 from pipeline.resources import Resources
+from pipeline.tars import read_jpegs
 from pipeline.url_list import CAPTION, ERROR, FATE, URL
 
 Record = dict[str, Any]
@@ -90,6 +90,9 @@ class ShardWriter:
 
     def write(self, shard: str, scores: Mapping[str, Scores]) -> dict[str, Any]:
         """Write the shard and return its report (also written as the completion marker)."""
+        # A rewrite in place (retry-failed) first takes the old marker away: interrupted, the shard
+        # is unfinished, not "done" with the old counts over new files.
+        self.layout.shard_report(shard).unlink(missing_ok=True)
         raw = pq.read_table(self.layout.raw_parquet(shard)).to_pylist()
         records = sorted((self.record(row, scores.get(row["key"])) for row in raw), key=lambda r: r["key"])
         kept = {r["key"]: r for r in records if r["status"] == Fate.KEPT}
@@ -158,12 +161,7 @@ class ShardWriter:
     def _write_tar(self, shard: str, kept: Mapping[str, Record]) -> None:
         """KEY.jpg (the downloaded bytes, untouched), KEY.json (the full record), KEY.txt (selected)."""
         path = self.layout.shard_tar(shard)
-        images = {}
-        with tarfile.open(self.layout.raw_tar(shard)) as raw:
-            for member in raw:
-                key, _, ext = member.name.partition(".")
-                if ext == "jpg" and key in kept:
-                    images[key] = raw.extractfile(member).read()  # type: ignore[union-attr]
+        images = read_jpegs(self.layout.raw_tar(shard), kept)
         with open(temporary_name(path), "wb") as stream, wds.TarWriter(stream, mtime=_TAR_MTIME) as sink:
             for key, record in kept.items():
                 sink.write({"__key__": key, "jpg": images[key], "json": json.dumps(record).encode(),

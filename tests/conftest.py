@@ -12,6 +12,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import webdataset as wds
 
 from pipeline.config import JobSpec, spec_from_dict
+from pipeline.layout import OutputLayout
 from pipeline.runner import JobResult
 from pipeline.sample_web import SamplePair, StaticSite, sample_web
 from pipeline.tiny_models import TinyModelPaths, write_tiny_models
@@ -47,6 +50,17 @@ def ray_local() -> Iterator[None]:
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def read_records(layout: OutputLayout) -> list[dict[str, Any]]:
+    """Every output row of a job, read back with pyarrow."""
+    return [r for p in layout.shard_parquets() for r in pq.read_table(p).to_pylist()]
+
+
+def tar_keys(layout: OutputLayout) -> Counter[str]:
+    """The sample keys in a job's output tars, read back with webdataset."""
+    tars = [str(p) for p in sorted(layout.shards.glob("*.tar"))]
+    return Counter(s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False, empty_check=False))
 
 
 def make_spec(

@@ -21,13 +21,9 @@ from pipeline.fates import Fate
 from pipeline.layout import OutputLayout
 from pipeline.runner import JobResult, run_job
 from pipeline.sample_web import Route, jpeg_bytes, render_scene
-from tests.conftest import make_spec
+from tests.conftest import make_spec, read_records
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-
-
-def _read_all(layout: OutputLayout) -> list[dict]:
-    return [r for p in layout.shard_parquets() for r in pq.read_table(p).to_pylist()]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +52,7 @@ def finished_job(tmp_path_factory, web, tiny_models):
 
 def test_every_input_row_appears_exactly_once_with_its_fate(finished_job):
     result, rows, expected = finished_job
-    records = _read_all(result.layout)
+    records = read_records(result.layout)
     assert len(records) == len(rows) > 50
     assert Counter(r["url"] for r in records) == Counter(url for url, _ in rows)
     assert len({r["key"] for r in records}) == len(records)
@@ -72,7 +68,7 @@ def test_every_input_row_appears_exactly_once_with_its_fate(finished_job):
 def test_manifest_counts_add_up_to_the_input(finished_job):
     result, rows, _ = finished_job
     manifest = json.loads(result.layout.manifest.read_text())
-    records = _read_all(result.layout)
+    records = read_records(result.layout)
     assert manifest["complete"] is True
     assert manifest["input_rows"] == len(rows)
     assert sum(manifest["counts"].values()) == len(rows)
@@ -84,7 +80,7 @@ def test_manifest_counts_add_up_to_the_input(finished_job):
 
 def test_downloaded_rows_carry_captions_and_scores(finished_job):
     result, _, _ = finished_job
-    scored = [r for r in _read_all(result.layout) if r["status"] in (Fate.KEPT, Fate.FILTERED)]
+    scored = [r for r in read_records(result.layout) if r["status"] in (Fate.KEPT, Fate.FILTERED)]
     assert len(scored) >= 40
     for r in scored:
         assert len(r["synthetic_captions"]) == len(r["synthetic_itm"]) == 2
@@ -101,7 +97,7 @@ def test_downloaded_rows_carry_captions_and_scores(finished_job):
 
 def test_the_tar_holds_exactly_the_kept_rows_and_webdataset_reads_it(finished_job):
     result, _, _ = finished_job
-    records = {r["key"]: r for r in _read_all(result.layout)}
+    records = {r["key"]: r for r in read_records(result.layout)}
     kept = {k for k, r in records.items() if r["status"] == Fate.KEPT}
     tars = sorted(str(p) for p in result.layout.shards.glob("*.tar"))
     samples = list(wds.WebDataset(tars, shardshuffle=False).decode())
@@ -123,7 +119,7 @@ def test_private_addresses_are_blocked_before_any_request(tmp_path, web, tiny_mo
     spec = make_spec(tmp_path, rows, tiny_models, download={"allow_private_networks": False})
     result = run_job(spec, log=lambda _: None)
     assert result.manifest["counts"][Fate.BLOCKED] == 3
-    assert all("127.0.0.1" in r["error"] for r in _read_all(result.layout))
+    assert all("127.0.0.1" in r["error"] for r in read_records(result.layout))
     assert [site.hits(p) for p in paths] == [0, 0, 0]
 
 

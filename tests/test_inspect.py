@@ -144,3 +144,16 @@ def test_score_histogram_counts_and_quantiles():
     assert hist.quantile(0.5) == pytest.approx(0.5, abs=1 / BINS)
     assert hist.mean == pytest.approx(scores.mean())
     assert np.isnan(ScoreHistogram().quantile(0.5))
+
+
+def test_shares_at_the_jobs_own_threshold_are_exact_off_the_grid(curated_job, tmp_path):
+    out = tmp_path / "output"
+    shutil.copytree(curated_job.layout.root, out, symlinks=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    web = _direct_count(JobOutput.open(out).layout.shard_parquets())["web_scores"]
+    threshold = float(np.sort(web)[len(web) // 2]) - 1e-5  # between grid points, next to a score
+    manifest["spec"]["filter"]["threshold"] = threshold
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    found = inspect_output(JobOutput.open(out))
+    assert found.kept_at(threshold)["web"] == (web >= threshold).sum()
+    assert found.web.at_least(threshold) != (web >= threshold).sum() or threshold * BINS % 1 == 0

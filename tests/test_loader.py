@@ -92,7 +92,7 @@ def test_source_policies_yield_only_samples_with_that_source_kept(curated_job, p
         assert all(got[key] == kept[key]["caption"] for key in got)
 
 
-def test_a_sample_without_a_caption_of_the_source_is_skipped(tmp_path):
+def test_the_policy_gives_no_caption_to_a_sample_without_one_of_its_source(tmp_path):
     tar = tmp_path / "a.tar"
     tar.touch()
     record = {

@@ -22,7 +22,7 @@ from pipeline.report_html import write_report
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REQUIRE_BROWSER = bool(os.environ.get("CAPFILT_REQUIRE_BROWSER"))  # set by CI: there it must not skip
 ARTIFACTS = Path(os.environ.get("CAPFILT_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
-HOSTILE = '<script>alert("caption")</script> & <img src=https://example.com/x.png>'
+HOSTILE = '<script>alert("caption")</script> & <img src=http://127.0.0.1:9/x.png> \x0b\x00 end'
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +74,11 @@ def test_report_has_counts_histogram_curve_samples_and_dropped_examples(report, 
 
 def test_hostile_captions_are_shown_as_text(report):
     path, page = report
-    shown = [li for li in page.iter("li") if HOSTILE in "".join(li.itertext())]
+    visible = HOSTILE.split(" \x0b")[0]
+    shown = [li for li in page.iter("li") if visible in "".join(li.itertext())]
     assert shown, "the hostile caption is not shown"
     assert HOSTILE not in path.read_text()  # only its escaped form is in the file
+    assert "\ufffd\ufffd end" in "".join(shown[0].itertext())  # XML-forbidden characters replaced
 
 
 def test_candidate_captions_are_marked_kept_or_dropped_by_the_threshold(report, curated_job):
@@ -86,7 +88,9 @@ def test_candidate_captions_are_marked_kept_or_dropped_by_the_threshold(report, 
     for li in page.iter("li"):
         score = li.find("span[@class='score']")
         if score is not None:
-            assert ("kept" in li.get("class").split()) == (float(score.text) >= threshold), ET.tostring(li)
+            assert ("kept" in li.get("class").split()) == (float(score.get("title")) >= threshold), (
+                ET.tostring(li)
+            )
             marked += 1
     assert marked > 100
 

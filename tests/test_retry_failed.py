@@ -7,29 +7,19 @@ import hashlib
 import json
 from collections import Counter
 
-import pyarrow.parquet as pq
 import pytest
-import webdataset as wds
 
 from pipeline.cli import main
 from pipeline.fates import Fate
-from pipeline.job_output import JobOutput
-from pipeline.layout import OutputLayout
+from pipeline.job_output import JobOutput, OutputError
+from pipeline.rethreshold import rethreshold
 from pipeline.retry import RETRY_DIR, retry_failed
 from pipeline.runner import run_job
 from pipeline.sample_web import Route, jpeg_bytes, render_scene
-from tests.conftest import make_spec
+from pipeline.shard_writer import ShardWriter
+from tests.conftest import make_spec, read_records, tar_keys
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-
-
-def _records(layout: OutputLayout) -> list[dict]:
-    return [r for p in layout.shard_parquets() for r in pq.read_table(p).to_pylist()]
-
-
-def _tar_keys(layout: OutputLayout) -> Counter:
-    tars = [str(p) for p in sorted(layout.shards.glob("*.tar"))]
-    return Counter(s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False, empty_check=False))
 
 
 def test_rows_that_failed_and_work_now_are_folded_in(tmp_path, web, tiny_models, capsys):
@@ -50,9 +40,11 @@ def test_rows_that_failed_and_work_now_are_folded_in(tmp_path, web, tiny_models,
     spec = make_spec(tmp_path, rows, tiny_models, output={"shard_size": 4})
     first = run_job(spec, log=lambda _: None)
     layout = first.layout
-    before = {r["key"]: r for r in _records(layout)}
+    before = {r["key"]: r for r in read_records(layout)}
     failed = {r["url"]: r["key"] for r in before.values() if r["status"] == Fate.DOWNLOAD_FAILED}
     assert first.manifest["counts"][Fate.DOWNLOAD_FAILED] == 4 == len(failed)
+
+    strict = rethreshold(JobOutput.open(layout.root), 0.56, tmp_path / "strict")  # made before the retry
 
     for path, body in flaky.items():  # the server is back
         site.add(path, Route(body=body, headers=(("Content-Type", "image/jpeg"),)))
@@ -60,7 +52,7 @@ def test_rows_that_failed_and_work_now_are_folded_in(tmp_path, web, tiny_models,
     out = capsys.readouterr().out
     assert "retried 4 rows whose download had failed: now" in out and "1 download_failed" in out
 
-    after = {r["key"]: r for r in _records(layout)}
+    after = {r["key"]: r for r in read_records(layout)}
     assert sorted(after) == sorted(before)  # the same keys, each once
     for path, body in flaky.items():
         record = after[failed[site.url(path)]]
@@ -74,8 +66,13 @@ def test_rows_that_failed_and_work_now_are_folded_in(tmp_path, web, tiny_models,
     assert manifest["complete"] and sum(manifest["counts"].values()) == manifest["input_rows"] == len(rows)
     assert manifest["counts"] == {f.value: sum(r["status"] == f for r in after.values()) for f in Fate}
     assert manifest["counts"][Fate.DOWNLOAD_FAILED] == 1
-    assert _tar_keys(layout) == Counter(k for k, r in after.items() if r["status"] == Fate.KEPT)
+    assert tar_keys(layout) == Counter(k for k, r in after.items() if r["status"] == Fate.KEPT)
     assert not (layout.root / RETRY_DIR).exists()
+
+    # the output rethresholded before the retry still describes itself, and can be rethresholded again
+    assert JobOutput.open(tmp_path / "strict").manifest["counts"] == strict["counts"]
+    again_strict = rethreshold(JobOutput.open(tmp_path / "strict"), 0.5, tmp_path / "strict-again")
+    assert again_strict["counts"] == first.manifest["counts"]
 
     # a resumed run of the same spec finds every shard done and changes nothing
     logs = []
@@ -89,7 +86,7 @@ def test_rows_that_failed_and_work_now_are_folded_in(tmp_path, web, tiny_models,
     assert result.retried == 1 and result.fates[Fate.DOWNLOAD_FAILED] == 1
     assert site.hits("/flaky/gone.jpg") == hits["/flaky/gone.jpg"] + 1
     assert all(site.hits(path) == hits[path] for path in flaky)
-    assert {r["key"]: r for r in _records(layout)} == after
+    assert {r["key"]: r for r in read_records(layout)} == after
 
 
 def test_nothing_to_retry_leaves_the_output_as_it_is(tmp_path, web, tiny_models, capsys):
@@ -102,3 +99,43 @@ def test_nothing_to_retry_leaves_the_output_as_it_is(tmp_path, web, tiny_models,
     assert {
         p.name: p.read_bytes() for p in result.layout.shards.iterdir() if not p.name.endswith(".json")
     } == shards
+
+
+def test_an_interrupted_retry_leaves_unfinished_shards_that_a_run_finishes(
+    tmp_path, web, tiny_models, monkeypatch
+):
+    site, pairs = web
+    body = jpeg_bytes(render_scene(600)[0])
+    site.add("/flaky/late.jpg", Route(status=503))
+    good = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:5]
+    # shard 00000: a refused connection and 3 pictures; shard 00001: 2 pictures and the late one
+    rows = [("http://127.0.0.1:9/refused.jpg", "no server"), *good, (site.url("/flaky/late.jpg"), "late")]
+    spec = make_spec(tmp_path, rows, tiny_models, output={"shard_size": 4})
+    layout = run_job(spec, log=lambda _: None).layout
+    site.add("/flaky/late.jpg", Route(body=body, headers=(("Content-Type", "image/jpeg"),)))
+
+    real_write = ShardWriter.write
+
+    def dies_on_the_second_shard(writer, shard, scores):
+        if shard == "00001":
+            layout.shard_report(shard).unlink(missing_ok=True)  # as the real write starts
+            raise KeyboardInterrupt
+        return real_write(writer, shard, scores)
+
+    monkeypatch.setattr(ShardWriter, "write", dies_on_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        retry_failed(JobOutput.open(layout.root), log=lambda _: None)
+    monkeypatch.undo()
+    output = JobOutput.open(layout.root)
+    assert [s.status for s in output.shards()] == ["done", "pending"]  # not "done" with stale counts
+    with pytest.raises(OutputError, match="not complete"):
+        retry_failed(output)
+
+    finished = run_job(spec, log=lambda _: None)  # redoes shard 00001 from its patched raw shard
+    records = {r["url"]: r for r in read_records(layout)}
+    assert finished.complete and sum(finished.manifest["counts"].values()) == len(rows)
+    assert finished.manifest["counts"] == {
+        f.value: sum(r["status"] == f for r in records.values()) for f in Fate
+    }
+    assert records[site.url("/flaky/late.jpg")]["status"] in (Fate.KEPT, Fate.FILTERED)
+    assert records["http://127.0.0.1:9/refused.jpg"]["status"] == Fate.DOWNLOAD_FAILED
