@@ -7,6 +7,7 @@ from pathlib import Path
 from pipeline.decide import SYNTHETIC, WEB
 from pipeline.inspection import Inspection, ScoreHistogram
 from pipeline.manifest import DONE, FAILED, PENDING
+from pipeline.summary import fate_table, percent
 
 ERRORS_LISTED = 10
 
@@ -24,21 +25,13 @@ def format_inspection(found: Inspection, root: Path) -> str:
     ).rstrip()
 
 
-def percent(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.1f}%" if whole else "-"
-
-
 def _heading(found: Inspection, root: Path) -> str:
     state = "complete" if found.complete else f"INCOMPLETE: {found.progress}"
     return f"capfilt output {root} ({state}); ITM threshold {found.threshold:g}"
 
 
 def _fates(found: Inspection) -> str:
-    whole = found.input_rows
-    lines = [f"{'fate':<18}{'rows':>10}{'%':>8}"]
-    lines += [f"{fate:<18}{n:>10}{percent(n, whole):>8}" for fate, n in found.fate_rows()]
-    lines.append(f"{'input rows':<18}{whole:>10}")
-    return "\n".join(lines)
+    return "\n".join(fate_table(found.fate_rows(), found.input_rows))
 
 
 def _captions(found: Inspection) -> str:

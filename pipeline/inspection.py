@@ -1,7 +1,7 @@
 """What a job kept and dropped, and why: the figures behind `capfilt inspect` and its HTML report.
 
-It streams the complete shards' Parquet one at a time with vectorised pyarrow/numpy, so it runs on a
-LAION-sized output in the time it takes to read the score columns, and on a job that is still running.
+It reads the complete shards' Parquet one at a time and computes with vectorised pyarrow/numpy, so
+its memory does not grow with the job, and it works on a job that is still running.
 Scores go into fine histograms (a 0.001 grid), from which the retention-vs-threshold curve is exact
 at every grid point, without keeping a score per caption in memory. Example rows are uniform random
 samples (each row draws a priority; the lowest k are kept), fixed by a seed.

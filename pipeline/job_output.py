@@ -86,18 +86,17 @@ class JobOutput:
                 states.append(ShardState(name, PENDING, None, None))
         return states
 
-    def done_shards(self) -> list[str]:
-        return [s.name for s in self.shards() if s.status == DONE]
-
     def read_shard(self, name: str) -> pa.Table:
         return pq.read_table(self.layout.shard_parquet(name))
 
-    def require_complete(self, command: str) -> None:
-        """`command` needs every shard written (it rewrites the job's output as a whole)."""
-        unfinished = [s.name for s in self.shards() if s.status != DONE]
+    def require_complete(self, command: str) -> list[str]:
+        """The shard names, all done: `command` needs every shard written (it rewrites the output)."""
+        states = self.shards()
+        unfinished = [s.name for s in states if s.status != DONE]
         if unfinished:
             raise OutputError(
                 f"{self.layout.root}: the job is not complete ({len(unfinished)} of "
                 f"{len(self.manifest['shards'])} shards not written, first {unfinished[0]}); "
                 f"finish it with `capfilt run` (it resumes), then {command}"
             )
+        return [s.name for s in states]

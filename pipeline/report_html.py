@@ -24,9 +24,9 @@ from PIL import Image
 from pipeline import __version__
 from pipeline.decide import SYNTHETIC, WEB, candidates
 from pipeline.fates import Fate
-from pipeline.inspect_text import percent
 from pipeline.inspection import BINS, FILTERED_REASON, WEB_REPLACED, Inspection, Row, ScoreHistogram
 from pipeline.job_output import JobOutput
+from pipeline.summary import percent
 from pipeline.tars import read_jpegs
 
 THUMBNAIL_PX = 160

@@ -35,8 +35,7 @@ def rethreshold(source: JobOutput, threshold: float, target: Path) -> dict[str, 
     """Write the output for `threshold` into `target` (a new directory) and return its manifest."""
     if not 0 <= threshold <= 1:
         raise OutputError(f"--threshold: {threshold} is not an ITM probability between 0 and 1")
-    source.require_complete("rethreshold it")
-    names = source.done_shards()
+    names = source.require_complete("rethreshold it")
     target = target.resolve()
     if target == source.layout.root.resolve():
         raise OutputError(f"--out {target}: must be a new directory; the job's output stays as it is")

@@ -13,6 +13,10 @@ patched in two steps:
 The writer takes the shard's done marker away before it rewrites, so a retry interrupted in step 2
 leaves that shard unfinished, never "done" with stale counts: `capfilt run` then redoes it from its
 patched raw shard (the retried downloads are kept), and the manifest is exact again.
+
+Memory holds one original shard and one retry shard at a time, whatever the number of failed rows
+(a third of a web crawl's URLs can be dead): the URL list is written shard by shard, and the retry
+job's shards are read in order as the fold walks the original shards.
 """
 
 from __future__ import annotations
@@ -23,32 +27,28 @@ import json
 import os
 import shutil
 import tarfile
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import InputSpec, JobSpec, OutputSpec
-from pipeline.fates import Fate, count_fates
+from pipeline.fates import Fate, add_counts, count_fates
 from pipeline.job_output import JobOutput, OutputError
 from pipeline.layout import OutputLayout, temporary_name, write_json_atomically
 from pipeline.manifest import build_manifest, check_accounting
 from pipeline.shard_writer import Scores, ShardWriter, scores_from_records
 from pipeline.tars import read_jpegs
 
+if TYPE_CHECKING:
+    from pipeline.runner import JobResult
+
 RETRY_DIR = "_retry"
-
-
-@dataclass(frozen=True)
-class FailedRow:
-    shard: str
-    key: str
-    url: str
-    caption: str | None
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -67,65 +67,65 @@ class RetryResult:
     fates: dict[str, int]  # what the retried rows ended as
 
 
-def retry_failed(
-    output: JobOutput, address: str | None = None, log: Callable[[str], None] = print
-) -> RetryResult:
-    output.require_complete("retry its failed downloads")
+def retry_failed(output: JobOutput, address: str | None = None, log: Log = print) -> RetryResult:
+    shards = output.require_complete("retry its failed downloads")
     spec = output.spec
-    failed = failed_downloads(output)
-    if failed:
-        log(f"capfilt: retrying {len(failed)} rows whose download failed")
-        retried = _download_and_score(output, spec, failed, address, log)
-        writer = ShardWriter(output.layout, spec.filter.threshold, spec.fingerprint())
-        by_shard: dict[str, dict[str, RetriedRow]] = defaultdict(dict)
-        for row, result in zip(failed, retried, strict=True):
-            by_shard[row.shard][row.key] = result
-        for shard, results in by_shard.items():
-            _patch_raw_shard(output.layout, shard, results)
-            stored = scores_from_records(output.read_shard(shard).to_pylist())
-            writer.write(shard, stored | {key: r.scores for key, r in results.items() if r.scores})
-    shutil.rmtree(output.layout.root / RETRY_DIR, ignore_errors=True)
-    names = [s["shard"] for s in output.manifest["shards"]]
-    reports = {n: output.layout.finished_report(n, spec.fingerprint()) for n in names}
-    manifest = build_manifest(spec, output.input_rows, names, {n: r for n, r in reports.items() if r}, {})
-    write_json_atomically(output.layout.manifest, manifest)
-    check_accounting(manifest)
-    fates = count_fates(_fates_of(output, failed))
-    return RetryResult(manifest, len(failed), fates)
-
-
-def failed_downloads(output: JobOutput) -> list[FailedRow]:
-    """The job's download_failed rows, in shard and key order."""
-    found = []
-    for shard in output.done_shards():
-        table = output.read_shard(shard).select(["key", "url", "caption", "status"])
-        for row in table.filter(pc.equal(table["status"], Fate.DOWNLOAD_FAILED.value)).to_pylist():
-            found.append(FailedRow(shard, row["key"], row["url"], row["caption"]))
-    return found
-
-
-def _download_and_score(
-    output: JobOutput, spec: JobSpec, failed: list[FailedRow], address: str | None, log: Callable[[str], None]
-) -> list[RetriedRow]:
-    """Run the failed rows as a job of their own; return their results in order, under the ORIGINAL keys."""
-    from pipeline.runner import run_job
-
     work = output.layout.root / RETRY_DIR
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    url_list = work / "urls.parquet"
-    pq.write_table(
-        pa.table(
-            {
-                "url": pa.array([r.url for r in failed], pa.string()),
-                "caption": pa.array([r.caption for r in failed], pa.string()),
-            }
-        ),
-        url_list,
-    )
+    plan = _write_failed_list(output, shards, work / "urls.parquet")
+    retried = sum(n for _, n in plan)
+    fates = count_fates([])
+    if retried:
+        log(f"capfilt: retrying {retried} rows whose download failed")
+        results = _RetryJob(_run_retry_job(output, spec, work, address, log), spec.output.shard_size)
+        writer = ShardWriter(output.layout, spec.filter.threshold, spec.fingerprint())
+        start = 0
+        for shard, n in plan:
+            failed = _failed_rows(output, shard)
+            rows = {r["key"]: results.row(start + i, r["key"], r["url"]) for i, r in enumerate(failed)}
+            start += n
+            _patch_raw_shard(output.layout, shard, rows)
+            stored = scores_from_records(output.read_shard(shard).to_pylist())
+            writer.write(shard, stored | {key: r.scores for key, r in rows.items() if r.scores})
+            now = output.read_shard(shard).select(["key", "status"]).to_pylist()
+            fates = add_counts(fates, count_fates(r["status"] for r in now if r["key"] in rows))
+    shutil.rmtree(work, ignore_errors=True)
+    reports = {n: output.layout.finished_report(n, spec.fingerprint()) for n in shards}
+    manifest = build_manifest(spec, output.input_rows, shards, {n: r for n, r in reports.items() if r}, {})
+    write_json_atomically(output.layout.manifest, manifest)
+    check_accounting(manifest)
+    return RetryResult(manifest, retried, fates)
+
+
+def _failed_rows(output: JobOutput, shard: str) -> list[dict[str, Any]]:
+    """The shard's download_failed rows (key, url, caption), in key order."""
+    table = output.read_shard(shard).select(["key", "url", "caption", "status"])
+    return table.filter(pc.equal(table["status"], Fate.DOWNLOAD_FAILED.value)).to_pylist()
+
+
+def _write_failed_list(output: JobOutput, shards: list[str], path: Path) -> list[tuple[str, int]]:
+    """Write every shard's failed rows, in shard and key order, as the retry job's URL list; return
+    (shard, failed rows) for the shards that have any."""
+    plan = []
+    schema = pa.schema([("url", pa.string()), ("caption", pa.string())])
+    with pq.ParquetWriter(path, schema) as sink:
+        for shard in shards:
+            failed = _failed_rows(output, shard)
+            if failed:
+                sink.write_table(pa.Table.from_pylist(failed, schema=schema))
+                plan.append((shard, len(failed)))
+    return plan
+
+
+def _run_retry_job(output: JobOutput, spec: JobSpec, work: Path, address: str | None, log: Log) -> JobResult:
+    from pipeline.runner import run_job
+
     retry_spec = dataclasses.replace(
         spec,
-        input=InputSpec(url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption"),
+        input=InputSpec(
+            url_list=str(work / "urls.parquet"), input_format="parquet", url_col="url", caption_col="caption"
+        ),
         output=OutputSpec(path=str(work / "output"), shard_size=spec.output.shard_size),
     )
     result = run_job(retry_spec, address=address, log=log)
@@ -134,26 +134,49 @@ def _download_and_score(
             f"{output.layout.root}: the retry job did not complete (see {result.layout.manifest}); "
             "the output is unchanged; run retry-failed again"
         )
-    layout = result.layout
-    raw_rows, records, images = {}, {}, {}
-    for shard in sorted(s["shard"] for s in result.manifest["shards"]):
-        raw_rows.update({r["key"]: r for r in pq.read_table(layout.raw_parquet(shard)).to_pylist()})
-        records.update({r["key"]: r for r in pq.read_table(layout.shard_parquet(shard)).to_pylist()})
-        images.update(read_jpegs(layout.raw_tar(shard)))
-    scores = scores_from_records(records.values())
-    retry_keys = sorted(records)  # img2dataset's keys follow the URL list's order
-    if len(retry_keys) != len(failed):
-        raise RuntimeError(f"retry job wrote {len(retry_keys)} rows for {len(failed)} failed rows")
-    results = []
-    for row, retry_key in zip(failed, retry_keys, strict=True):
-        record = records[retry_key]
-        if record["url"] != row.url:
+    return result
+
+
+@dataclass(frozen=True)
+class _RetryShard:
+    number: int
+    records: list[dict[str, Any]]  # in key order, that is in URL-list order
+    raw: dict[str, dict[str, Any]]  # img2dataset's rows by key
+    images: dict[str, bytes]
+
+
+class _RetryJob:
+    """The retry job's rows by position in its URL list, read one retry shard at a time.
+
+    Row i of the URL list is row i % shard_size, in key order, of shard i // shard_size: img2dataset
+    keys follow the list's order. Each row's URL is checked against the row it should be."""
+
+    def __init__(self, result: JobResult, shard_size: int) -> None:
+        self.layout = result.layout
+        self.names = [s["shard"] for s in result.manifest["shards"]]
+        self.shard_size = shard_size
+        self._shard: _RetryShard | None = None
+
+    def row(self, index: int, key: str, url: str) -> RetriedRow:
+        """The retry of URL-list row `index`, under the original `key`."""
+        number, position = divmod(index, self.shard_size)
+        shard = (
+            self._shard if self._shard is not None and self._shard.number == number else self._load(number)
+        )
+        record = shard.records[position]
+        if record["url"] != url:
             raise RuntimeError(
-                f"retry row {retry_key} is {record['url']!r}, expected {row.url!r} (key {row.key})"
+                f"retry row {record['key']} is {record['url']!r}, expected {url!r} (key {key})"
             )
-        raw = {**raw_rows[retry_key], "key": row.key}
-        results.append(RetriedRow(raw, scores.get(retry_key), images.get(retry_key)))
-    return results
+        scores = scores_from_records([record]).get(record["key"])
+        return RetriedRow({**shard.raw[record["key"]], "key": key}, scores, shard.images.get(record["key"]))
+
+    def _load(self, number: int) -> _RetryShard:
+        name = self.names[number]
+        records = sorted(pq.read_table(self.layout.shard_parquet(name)).to_pylist(), key=lambda r: r["key"])
+        raw = {r["key"]: r for r in pq.read_table(self.layout.raw_parquet(name)).to_pylist()}
+        self._shard = _RetryShard(number, records, raw, read_jpegs(self.layout.raw_tar(name)))
+        return self._shard
 
 
 def _patch_raw_shard(layout: OutputLayout, shard: str, results: dict[str, RetriedRow]) -> None:
@@ -179,14 +202,3 @@ def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     archive.addfile(info, io.BytesIO(data))
-
-
-def _fates_of(output: JobOutput, rows: list[FailedRow]) -> list[str]:
-    keys_by_shard: dict[str, set[str]] = defaultdict(set)
-    for row in rows:
-        keys_by_shard[row.shard].add(row.key)
-    statuses = []
-    for shard, keys in keys_by_shard.items():
-        table = output.read_shard(shard).select(["key", "status"])
-        statuses += [r["status"] for r in table.to_pylist() if r["key"] in keys]
-    return statuses

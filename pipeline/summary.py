@@ -7,12 +7,21 @@ from typing import Any
 from pipeline.manifest import DONE, FAILED, PENDING
 
 
+def percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def fate_table(rows: list[tuple[str, int]], input_rows: int) -> list[str]:
+    """Rows per fate (and any extra line, such as rows not written yet) with their share of the input.
+    The one fate table: `capfilt run`, `rethreshold`, `retry-failed` and `inspect` print it."""
+    lines = [f"{'fate':<18}{'rows':>10}{'%':>8}"]
+    lines += [f"{fate:<18}{n:>10}{percent(n, input_rows):>8}" for fate, n in rows]
+    lines.append(f"{'input rows':<18}{input_rows:>10}")
+    return lines
+
+
 def format_summary(manifest: dict[str, Any], output: str) -> str:
-    total = manifest["input_rows"]
-    lines = [f"{'fate':<16}{'rows':>10}{'%':>8}"]
-    for fate, n in manifest["counts"].items():
-        lines.append(f"{fate:<16}{n:>10}{100 * n / total if total else 0:>8.1f}")
-    lines.append(f"{'input rows':<16}{total:>10}")
+    lines = fate_table(list(manifest["counts"].items()), manifest["input_rows"])
     by_status = {s: sum(1 for x in manifest["shards"] if x["status"] == s) for s in (DONE, FAILED, PENDING)}
     lines.append("shards: " + ", ".join(f"{n} {s}" for s, n in by_status.items()))
     for shard in manifest["shards"]:

@@ -37,7 +37,7 @@ def test_rows_that_failed_and_work_now_are_folded_in(tmp_path, web, tiny_models,
         *good[6:],
         (site.url("/flaky/2.jpg"), "flaky two"),
     ]
-    spec = make_spec(tmp_path, rows, tiny_models, output={"shard_size": 4})
+    spec = make_spec(tmp_path, rows, tiny_models, output={"shard_size": 3})  # 4 failed rows: 2 retry shards
     first = run_job(spec, log=lambda _: None)
     layout = first.layout
     before = {r["key"]: r for r in read_records(layout)}
