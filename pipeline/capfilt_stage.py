@@ -52,43 +52,47 @@ class CapFiltStage:
     def __call__(self, chunk: Chunk) -> Chunk:
         import torch
 
+        result = self.unscored(chunk)
         ok = [i for i, err in enumerate(chunk["decode_errors"]) if not err]
+        if not ok:
+            return result
+        k = self.captioner_spec.num_captions
+        seed = chunk_seed(self.captioner_spec.seed, chunk["shard"], chunk["chunk"], chunk.get("part", ""))
+        torch.manual_seed(seed)
+        pixels = torch.from_numpy(np.ascontiguousarray(chunk["pixels"][ok]))
+        with torch.inference_mode():
+            captions = self.caption(pixels)
+            texts, owners = [], []
+            for j, i in enumerate(ok):
+                web = chunk["captions"][i]
+                if web.strip():
+                    texts.append(web)
+                    owners.append((i, None))
+                for c, text in enumerate(captions[j * k : (j + 1) * k]):
+                    result["synthetic_captions"][i][c] = text
+                    texts.append(text)
+                    owners.append((i, c))
+            position = {i: j for j, i in enumerate(ok)}
+            scores = self.itm(pixels, texts, [position[i] for i, _ in owners])
+        for (i, c), score in zip(owners, scores, strict=True):
+            if c is None:
+                result["caption_itm"][i] = score
+            else:
+                result["synthetic_itm"][i][c] = score
+        return result
+
+    def unscored(self, chunk: Chunk) -> Chunk:
+        """The result of a chunk before any scoring. Fixed shapes (k per row, NaN for "not scored")
+        keep the Arrow types the same in every block, a failed chunk's included."""
         n, k = len(chunk["keys"]), self.captioner_spec.num_captions
-        # Fixed shapes (k per row, NaN for "not scored") keep the Arrow types the same in every block.
-        synthetic: list[list[str]] = [[""] * k for _ in range(n)]
-        synthetic_itm: list[list[float]] = [[NOT_SCORED] * k for _ in range(n)]
-        web_itm = [NOT_SCORED] * n
-        if ok:
-            torch.manual_seed(chunk_seed(self.captioner_spec.seed, chunk["shard"], chunk["chunk"]))
-            pixels = torch.from_numpy(np.ascontiguousarray(chunk["pixels"][ok]))
-            with torch.inference_mode():
-                captions = self.caption(pixels)
-                texts, owners = [], []
-                for j, i in enumerate(ok):
-                    web = chunk["captions"][i]
-                    if web.strip():
-                        texts.append(web)
-                        owners.append((i, None))
-                    for c, text in enumerate(captions[j * k : (j + 1) * k]):
-                        synthetic[i][c] = text
-                        texts.append(text)
-                        owners.append((i, c))
-                position = {i: j for j, i in enumerate(ok)}
-                image_index = [position[i] for i, _ in owners]
-                scores = self.itm(pixels, texts, image_index)
-            for (i, c), score in zip(owners, scores, strict=True):
-                if c is None:
-                    web_itm[i] = score
-                else:
-                    synthetic_itm[i][c] = score
         return {
             "shard": chunk["shard"],
             "chunk": chunk["chunk"],
             "keys": chunk["keys"],
             "decode_errors": chunk["decode_errors"],
-            "synthetic_captions": synthetic,
-            "caption_itm": web_itm,
-            "synthetic_itm": synthetic_itm,
+            "synthetic_captions": [[""] * k for _ in range(n)],
+            "caption_itm": [NOT_SCORED] * n,
+            "synthetic_itm": [[NOT_SCORED] * k for _ in range(n)],
         }
 
     def caption(self, pixels: Any) -> list[str]:
@@ -144,9 +148,11 @@ def itm_logits(itm_model: Any, tokenizer: Any, image_embeds: Any, texts: list[st
     return itm_model.itm_head(encoded[:, 0, :])
 
 
-def chunk_seed(seed: int, shard: str, chunk: int) -> int:
-    """A sampling seed that depends only on the job's seed and the chunk's place in the data."""
-    digest = hashlib.sha256(f"{seed}:{shard}:{chunk}".encode()).digest()
+def chunk_seed(seed: int, shard: str, chunk: int, part: str = "") -> int:
+    """A sampling seed that depends only on the job's seed and the chunk's place in the data (and,
+    for a chunk split after a failure, on which part of it this is: see `chunk_retry`)."""
+    where = f"{seed}:{shard}:{chunk}" + (f":{part}" if part else "")
+    digest = hashlib.sha256(where.encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 

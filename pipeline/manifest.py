@@ -36,6 +36,7 @@ def build_manifest(
     shard_names: list[str],
     reports: dict[str, dict[str, Any]],
     errors: dict[str, str],
+    actors: list[dict[str, Any]] | tuple[()] = (),
 ) -> dict[str, Any]:
     shards = []
     totals = count_fates([])
@@ -59,6 +60,8 @@ def build_manifest(
         "complete": complete,
         "counts": totals,
         "shards": shards,
+        # Where the run that wrote this manifest scored its chunks: one entry per CapFilt actor.
+        "actors": list(actors),
     }
 
 

@@ -15,11 +15,12 @@ import contextlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.capfilt_stage import CapFiltStage
+from pipeline.chunk_retry import score_with_retry
 from pipeline.chunks import Chunk, ChunkReader, chunk_count
 from pipeline.config import JobSpec
 from pipeline.download import DownloadStage
@@ -44,8 +45,14 @@ class JobResult:
         return bool(self.manifest["complete"])
 
 
-def run_job(spec: JobSpec, address: str | None = None, log: Log = print) -> JobResult:
-    """Run (or resume) a job to the end and write its manifest."""
+def run_job(
+    spec: JobSpec,
+    address: str | None = None,
+    log: Log = print,
+    stage_type: type[CapFiltStage] = CapFiltStage,
+) -> JobResult:
+    """Run (or resume) a job to the end and write its manifest. (`stage_type` is the seam where the
+    fault tests put a stage that fails on purpose.)"""
     spec = spec.with_absolute_paths()
     layout = OutputLayout(Path(spec.output.path))
     check_columns(spec.input)
@@ -66,11 +73,12 @@ def run_job(spec: JobSpec, address: str | None = None, log: Log = print) -> JobR
         pending = [n for n in names if n in downloaded and n not in reports]
         log(f"capfilt: {rows} input rows in {len(names)} shards: {len(reports)} already done, "
             f"{len(pending)} to caption and filter, {len(errors)} not downloaded")  # fmt: skip
+        outcome = _Outcome()
         if pending:
-            written, failed = _capfilt(spec, layout, pending, fingerprint, log)
-            reports.update(written)
-            errors.update(failed)
-    manifest = build_manifest(spec, rows, names, reports, errors)
+            outcome = _capfilt(spec, layout, pending, fingerprint, log, stage_type)
+            reports.update(outcome.reports)
+            errors.update(outcome.errors)
+    manifest = build_manifest(spec, rows, names, reports, errors, actors=list(outcome.actors.values()))
     write_json_atomically(layout.manifest, manifest)
     check_accounting(manifest)
     return JobResult(manifest, layout)
@@ -91,9 +99,21 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def _capfilt(
-    spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint: str, log: Log
-) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+@dataclass
+class _Outcome:
+    """What a caption/filter pass did: shard reports, shard errors, and the actors that did it."""
+
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    actors: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def count(self, chunk: Chunk) -> None:
+        placement = {k: chunk[k] for k in ("node", "node_ip", "device", "gpu_ids")}
+        self.actors.setdefault(chunk["actor"], {**placement, "chunks": 0})["chunks"] += 1
+
+
+def _capfilt(spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint: str, log: Log,
+             stage_type: type[CapFiltStage]) -> _Outcome:  # fmt: skip
     import ray
 
     batch_size = spec.captioner.batch_size
@@ -101,12 +121,14 @@ def _capfilt(
     writer = ShardWriter(layout, spec.filter.threshold, fingerprint)
     write = ray.remote(num_cpus=writer.resources.cpus)(_write_shard)
     writes = {name: write.remote(writer, name, []) for name in shards if expected[name] == 0}
-    errors: dict[str, str] = {}
+    outcome = _Outcome()
     to_score = [name for name in shards if expected[name] > 0]
     if to_score:
-        stage = CapFiltStage(spec.captioner, spec.filter, _actor_resources(spec, log))
+        stage = stage_type(spec.captioner, spec.filter, _actor_resources(spec, log))
         preprocess = PreprocessStage.for_model(spec.captioner.model)
         actors = spec.resources.actors or _actors_for(stage.resources)
+        per_actor = f"{stage.resources.gpus} GPU and {stage.resources.cpus} CPU each"
+        log(f"capfilt: {actors} CapFilt actor(s), {per_actor}")
         # Ray Data fuses preprocessing into the actor only when their resources are equal (a CPU-only
         # run, where that costs nothing); with GPUs it stays in CPU tasks and the GPU never decodes.
         ds = (
@@ -119,26 +141,36 @@ def _capfilt(
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=stage.resources.cpus,
                 num_gpus=stage.resources.gpus,
+                # On as many nodes as have room: one lost node then costs fewer actors.
+                scheduling_strategy="SPREAD",
             )
         )
-        arrived: dict[str, list[Chunk]] = defaultdict(list)
+        # By chunk number: should Ray ever deliver a retried chunk twice, it counts once.
+        arrived: dict[str, dict[int, Chunk]] = defaultdict(dict)
         try:
-            for chunk in ds.iter_rows():
-                name = chunk["shard"]
-                arrived[name].append(dict(chunk))
+            for row in ds.iter_rows():
+                chunk, name = dict(row), row["shard"]
+                outcome.count(chunk)
+                if name in outcome.errors or name in writes:
+                    continue
+                if chunk["error"]:
+                    outcome.errors[name] = f"caption/filter failed, chunk {chunk['chunk']}: {chunk['error']}"
+                    log(f"capfilt: shard {name} failed: {outcome.errors[name]}")
+                    arrived.pop(name, None)
+                    continue
+                arrived[name][chunk["chunk"]] = chunk
                 if len(arrived[name]) == expected[name]:
-                    writes[name] = write.remote(writer, name, arrived.pop(name))
+                    writes[name] = write.remote(writer, name, list(arrived.pop(name).values()))
         except Exception as err:  # the stage failed: finished shards stay, the rest are reported
             reason = f"caption/filter stage failed: {' '.join(str(err).split())[:500]}"
             log(f"capfilt: {reason}")
-            errors.update({name: reason for name in to_score if name not in writes})
-    reports = {}
+            outcome.errors.update({name: reason for name in to_score if name not in writes})
     for name, ref in writes.items():
         try:
-            reports[name] = ray.get(ref)
+            outcome.reports[name] = ray.get(ref)
         except Exception as err:
-            errors[name] = f"writing the shard failed: {' '.join(str(err).split())[:500]}"
-    return reports, errors
+            outcome.errors[name] = f"writing the shard failed: {' '.join(str(err).split())[:500]}"
+    return outcome
 
 
 def _write_shard(writer: ShardWriter, shard: str, chunks: list[Chunk]) -> dict[str, Any]:
@@ -146,14 +178,32 @@ def _write_shard(writer: ShardWriter, shard: str, chunks: list[Chunk]) -> dict[s
 
 
 class _StageActor:
-    """Ray Data's callable-class protocol around a plain stage: models load once per actor."""
+    """Ray Data's callable-class protocol around a plain stage: models load once per actor.
+
+    A chunk the stage raises on is split and retried (`chunk_retry`); each result says which actor,
+    node and device scored it, for the manifest's record of where the work ran.
+    """
 
     def __init__(self, stage: CapFiltStage) -> None:
+        import ray
+
         stage.setup()
         self.stage = stage
+        context = ray.get_runtime_context()
+        self.placement = {
+            "actor": context.get_actor_id() or "",
+            "node": context.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "device": stage.device,
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        }
 
     def __call__(self, row: Chunk) -> Chunk:
-        return self.stage(row)
+        return {**score_with_retry(self.stage, row, log=_print_flushed), **self.placement}
+
+
+def _print_flushed(line: str) -> None:
+    print(line, flush=True)  # an actor's stdout reaches the driver's log (and `capfilt logs`)
 
 
 def _actor_resources(spec: JobSpec, log: Log) -> Resources:

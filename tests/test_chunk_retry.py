@@ -1,0 +1,113 @@
+"""Split-and-retry of a chunk the CapFilt stage raises on, with the real stage on tiny BLIP models.
+
+A CUDA out-of-memory error cannot happen on this machine, so the stage below raises one the way
+torch does when a batch is larger than what "fits"; everything else is the real model code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.capfilt_stage import CapFiltStage
+from pipeline.chunk_retry import join, score_with_retry, split
+from pipeline.config import CaptionerSpec, FilterSpec
+from pipeline.resources import Resources
+from tests.test_capfilt_stage import _chunk
+
+
+class OutOfMemoryAbove(CapFiltStage):
+    """Raises like torch's allocator on more than `fits` images, and always on key `poison`."""
+
+    def __init__(self, fits: int, poison: str | None = None, **specs) -> None:
+        super().__init__(**specs)
+        self.fits, self.poison, self.calls = fits, poison, []
+
+    def __call__(self, chunk):
+        self.calls.append(list(chunk["keys"]))
+        if len(chunk["keys"]) > self.fits:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self.poison in chunk["keys"]:
+            raise ValueError(f"cannot score {self.poison}")
+        return super().__call__(chunk)
+
+
+@pytest.fixture(scope="module")
+def specs(tiny_models):
+    return {
+        "captioner": CaptionerSpec(model=str(tiny_models.captioner), num_captions=2, max_length=10),
+        "filter": FilterSpec(model=str(tiny_models.itm), batch_size=8),
+        "resources": Resources(),
+    }
+
+
+def _stage(specs, **kwargs) -> OutOfMemoryAbove:
+    stage = OutOfMemoryAbove(**kwargs, **specs)
+    stage.setup()
+    return stage
+
+
+def test_a_chunk_too_large_is_split_until_it_fits_and_every_row_is_scored(tiny_models, specs):
+    stage, lines = _stage(specs, fits=2), []
+    chunk = _chunk(tiny_models, 7)
+    result = score_with_retry(stage, chunk, lines.append)
+    assert result["error"] == ""
+    assert result["keys"] == chunk["keys"]
+    assert result["shard"] == "00000" and result["chunk"] == 0 and "part" not in result
+    # 7 -> 4 + 3 -> (2 + 2) + (2 + 1): every key scored exactly once, in order, in parts that fit.
+    scored = [c for c in stage.calls if len(c) <= 2]
+    assert [k for c in scored for k in c] == chunk["keys"]
+    assert all(not math.isnan(s) for row in result["synthetic_itm"] for s in row)
+    assert all(not math.isnan(s) for s in result["caption_itm"][:-1])  # the last web caption is blank
+    assert all(len(row) == 2 and all(row) for row in result["synthetic_captions"])
+    assert len(lines) == 3 and all("CUDA out of memory" in line for line in lines)
+    assert "retrying it as two halves" in lines[0]
+
+
+def test_the_halves_are_scored_as_the_same_images_on_their_own(tiny_models, specs):
+    """Splitting changes which images share a batch, not what each is scored against: a web caption's
+    ITM score does not depend on sampling, so it equals the unsplit run's."""
+    chunk = _chunk(tiny_models, 5)
+    whole = score_with_retry(_stage(specs, fits=99), chunk, print)
+    halves = score_with_retry(_stage(specs, fits=2), chunk, print)
+    assert np.allclose(whole["caption_itm"][:-1], halves["caption_itm"][:-1], atol=1e-5)
+    again = score_with_retry(_stage(specs, fits=2), chunk, print)
+    assert again["synthetic_captions"] == halves["synthetic_captions"]  # same split, same seeds
+
+
+def test_a_row_that_fails_on_its_own_fails_the_chunk_and_names_the_key(tiny_models, specs):
+    stage, lines = _stage(specs, fits=99, poison="0003"), []
+    chunk = _chunk(tiny_models, 6)
+    result = score_with_retry(stage, chunk, lines.append)
+    assert result["error"] == "scoring key 0003 failed: ValueError: cannot score 0003"
+    assert result["keys"] == chunk["keys"]
+    assert math.isnan(result["caption_itm"][3])
+    assert not math.isnan(result["caption_itm"][0])  # the other rows were scored all the same
+    assert any("(key 0003) failed on its own" in line for line in lines)
+
+
+def test_a_decode_failure_is_a_row_fate_not_a_stage_failure(tiny_models, specs):
+    result = score_with_retry(_stage(specs, fits=99), _chunk(tiny_models, 4, broken=1), print)
+    assert result["error"] == ""
+    assert result["decode_errors"][1].startswith("decode:")
+
+
+def test_split_and_join_keep_rows_and_shared_fields():
+    chunk = {
+        "shard": "00002",
+        "chunk": 3,
+        "keys": ["a", "b", "c"],
+        "pixels": np.arange(3),
+        "captions": ["x", "y", "z"],
+    }
+    first, second = split(chunk)
+    assert first["keys"] == ["a", "b"] and second["keys"] == ["c"]
+    assert first["part"] == "0" and second["part"] == "1"
+    assert split(first)[1]["part"] == "01"
+    assert first["shard"] == second["shard"] == "00002"
+    back = join([{**first, "error": ""}, {**second, "error": "boom"}])
+    assert back["keys"] == chunk["keys"] and back["captions"] == chunk["captions"]
+    assert list(back["pixels"]) == [0, 1, 2]
+    assert back["error"] == "boom" and "part" not in back
