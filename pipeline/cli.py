@@ -9,19 +9,21 @@ import time
 from pathlib import Path
 
 from pipeline import __version__
+from pipeline.cluster_jobs import ClusterError
 from pipeline.config import SpecError, load_spec
 from pipeline.job_output import OutputError
 
 DEMO_ROWS = 300  # 29 s on 2 cores (README: `time capfilt demo`)
 
 USAGE_ERROR = 2
+JOBS_API_HELP = "the cluster's Jobs API, e.g. http://HEAD:8265; default RAY_ADDRESS"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (SpecError, OutputError) as err:
+    except (SpecError, OutputError, ClusterError) as err:
         print(f"capfilt: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
@@ -37,6 +39,53 @@ def _run(args: argparse.Namespace) -> int:
     result = run_job(spec, address=args.address or os.environ.get("RAY_ADDRESS"))
     print(format_summary(result.manifest, spec.output.path))
     return 0 if result.complete else 1
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipeline.cluster_jobs import submit
+    from pipeline.url_list import check_columns
+
+    spec = load_spec(args.job, overrides=args.set, check_files=False).with_absolute_paths()
+    if Path(spec.input.url_list).is_file():
+        check_columns(spec.input)
+    else:
+        print(f"capfilt: note: {spec.input.url_list} is not on this machine; the cluster must see it there",
+              file=sys.stderr)  # fmt: skip
+    job_id = submit(spec, args.address)
+    print(job_id)
+    print(f"follow it: capfilt logs {job_id} --follow; output: {spec.output.path}", file=sys.stderr)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline.cluster_jobs import ENDED, SUCCEEDED, status
+
+    found = status(args.job_id, args.address)
+    print(f"{found['job_id']}: {found['status']}" + (f" ({found['message']})" if found["message"] else ""))
+    output = found["metadata"].get("output")
+    if output:
+        print(f"output: {output}")
+    return 0 if found["status"] not in ENDED or found["status"] == SUCCEEDED else 1
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from pipeline.cluster_jobs import SUCCEEDED, logs
+
+    final = logs(args.job_id, args.address, args.follow, write=lambda text: print(text, end="", flush=True))
+    if args.follow:
+        print(f"capfilt: job {args.job_id} {final}", file=sys.stderr)
+        return 0 if final == SUCCEEDED else 1
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from pipeline.cluster_jobs import stop
+
+    if stop(args.job_id, args.address):
+        print(f"stopping {args.job_id}; finished shards are kept, submit the same spec again to resume")
+    else:
+        print(f"{args.job_id} had already ended")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -133,6 +182,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
     run.add_argument("--address", help="Ray address of a running cluster")
     run.set_defaults(handler=_run)
+
+    submit = commands.add_parser(
+        "submit", help="submit a job to a running Ray cluster (Ray Jobs API); prints the job id"
+    )
+    submit.add_argument("job", help="job spec YAML (validated here, shipped to the cluster)")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    submit.add_argument("--address", help=JOBS_API_HELP)
+    submit.set_defaults(handler=_submit)
+    for name, handler, about in (
+        ("status", _status, "a submitted job's status (exit 1 if it failed or was stopped)"),
+        ("logs", _logs, "a submitted job's log"),
+        ("stop", _stop, "stop a submitted job (finished shards are kept)"),
+    ):
+        command = commands.add_parser(name, help=about)
+        command.add_argument("job_id", help="the id `capfilt submit` printed")
+        command.add_argument("--address", help=JOBS_API_HELP)
+        command.set_defaults(handler=handler)
+        if name == "logs":
+            command.add_argument(
+                "--follow", action="store_true", help="until the job ends; exit 1 unless it succeeded"
+            )
 
     demo = commands.add_parser(
         "demo", help="an offline end-to-end run on a generated noisy web, trained tiny models"

@@ -145,8 +145,13 @@ def job_schema() -> dict[str, Any]:
     return json.loads(bundled_path("schemas", "job.schema.json").read_text())
 
 
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """Read, override (`key.path=value`, value parsed as YAML), validate and type a job spec."""
+def load_spec(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True
+) -> JobSpec:
+    """Read, override (`key.path=value`, value parsed as YAML), validate and type a job spec.
+
+    `check_files=False` is for a spec that runs elsewhere (`capfilt submit`): its URL list need
+    only exist where the job runs."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such job spec file")
@@ -159,7 +164,8 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     try:
-        return spec_from_dict(raw if raw is not None else {}, overrides)
+        raw = raw if raw is not None else {}
+        return spec_from_dict(raw, overrides) if check_files else typed_spec(raw, overrides)
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
 

@@ -1,0 +1,134 @@
+"""`capfilt submit / status / logs / stop`: a job on a running Ray cluster, through Ray's Jobs API.
+
+What travels with a submission is the job spec alone: validated here first, its local paths made
+absolute, written as `job.yaml` into a fresh directory that Ray ships as the job's `working_dir`;
+the entrypoint is `capfilt run job.yaml` on the head node. The capfilt package itself is not
+shipped: every node runs the cluster image (Dockerfile), which has it installed, because the
+workers import the stages and must run the code the spec was validated against. So the paths in
+the spec must name storage that the head and the workers see at the same place.
+
+The Jobs API address is `--address`, else `RAY_ADDRESS` (as for Ray's own CLI), else the cluster
+that `ray start` last started on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import __version__
+from pipeline.config import JobSpec
+
+ENTRYPOINT = "capfilt run job.yaml"
+SUCCEEDED = "SUCCEEDED"
+ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class ClusterError(RuntimeError):
+    """The Jobs API could not be reached or refused a request; the message says which and where."""
+
+
+def submit(spec: JobSpec, address: str | None) -> str:
+    """Submit `spec`; returns the Ray job (submission) id."""
+    spec = spec.with_absolute_paths()
+    with jobs_client(address) as client, tempfile.TemporaryDirectory(prefix="capfilt-submit-") as staging:
+        Path(staging, "job.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        return client.submit_job(
+            entrypoint=ENTRYPOINT,
+            # The driver's `ray.init` adds the workers' environment; naming it here too is a conflict.
+            runtime_env={"working_dir": staging},
+            metadata={"capfilt_version": __version__, "output": spec.output.path},
+        )
+
+
+def status(job_id: str, address: str | None) -> dict[str, Any]:
+    """The job's status, message, times and entrypoint, as the Jobs API reports them."""
+    with jobs_client(address) as client:
+        info = client.get_job_info(job_id)
+    return {
+        "job_id": job_id,
+        "status": str(info.status.value),
+        "message": info.message or "",
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+        "entrypoint": info.entrypoint,
+        "metadata": info.metadata or {},
+    }
+
+
+def logs(job_id: str, address: str | None, follow: bool, write: Callable[[str], None]) -> str:
+    """Write the job's driver log (all of it so far; with `follow`, until the job ends) and return
+    the job's status at the end."""
+    with jobs_client(address) as client:
+        if not follow:
+            write(client.get_job_logs(job_id))
+            return str(client.get_job_status(job_id).value)
+
+        async def tail() -> None:
+            async for lines in client.tail_job_logs(job_id):
+                write(lines)
+
+        asyncio.run(tail())
+        return str(client.get_job_status(job_id).value)
+
+
+def stop(job_id: str, address: str | None) -> bool:
+    """Ask Ray to stop the job (SIGTERM to its driver, then SIGKILL); False if it had already ended.
+
+    Finished shards stay; submitting the same spec again resumes it."""
+    with jobs_client(address) as client:
+        return bool(client.stop_job(job_id))
+
+
+@contextlib.contextmanager
+def jobs_client(address: str | None) -> Iterator[Any]:
+    """A JobSubmissionClient for `address`; errors become one ClusterError line that names it."""
+    from ray.job_submission import JobSubmissionClient
+
+    where = address or os.environ.get("RAY_ADDRESS") or "the local Ray cluster"
+    try:
+        with _address_wins(address):
+            client = JobSubmissionClient(address, headers=_auth_headers())
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise ClusterError(f"cannot reach Ray's Jobs API at {where}: {_one_line(err)}") from None
+    try:
+        yield client
+    except RuntimeError as err:  # the Jobs API's answer to an unknown job id and other refusals
+        raise ClusterError(f"Ray's Jobs API at {where}: {_one_line(err)}") from None
+
+
+@contextlib.contextmanager
+def _address_wins(address: str | None) -> Iterator[None]:
+    """Ray's client prefers RAY_ADDRESS over its argument; an explicit --address should win."""
+    if address is None:
+        yield
+        return
+    saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _auth_headers() -> dict[str, str]:
+    """Ray's token authentication, as `ray start` does it: on unless RAY_AUTH_MODE=disabled, with the
+    token from RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token. (Ray's job
+    client sends it only when RAY_AUTH_MODE=token is set, so a token cluster refused it by default.)"""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:500]

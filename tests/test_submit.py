@@ -1,0 +1,123 @@
+"""`capfilt submit / status / logs / stop` against a real `ray start --head` through Ray's Jobs API.
+
+The job's driver runs on the head as Ray runs any submitted job: `capfilt run job.yaml` in the
+shipped working dir. Stopping it half way and submitting the same spec again must resume it to the
+output an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.layout import OutputLayout
+from tests.conftest import make_spec, read_records
+from tests.ray_clusters import RayHead
+
+
+@pytest.fixture(scope="module")
+def head() -> RayHead:
+    started = RayHead(num_cpus=2)
+    yield started
+    started.stop()
+
+
+def _submit(capsys, job: Path, *args: str) -> str:
+    capsys.readouterr()
+    assert main(["submit", str(job), *args]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def _status(capsys, job_id: str, address: str) -> str:
+    capsys.readouterr()
+    main(["status", job_id, "--address", address])
+    return capsys.readouterr().out.split(": ", 1)[1].split()[0]
+
+
+def test_submit_follow_status_and_the_output_it_wrote(tmp_path, capsys, head, web, tiny_models):
+    site, pairs = web
+    rows = [(site.url(p.path), p.caption) for p in pairs][:30]
+    spec = make_spec(tmp_path, rows, tiny_models, resources={"actors": None})
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec.to_dict()))
+
+    job_id = _submit(capsys, job, "--address", head.jobs_api)
+    assert job_id.startswith("raysubmit_")
+    assert main(["logs", job_id, "--follow", "--address", head.jobs_api]) == 0  # returns when it ends
+    log = capsys.readouterr().out
+    assert "no GPUs in the Ray cluster: CapFilt actors run on the CPU" in log  # the CPU-only cluster says so
+    assert "shards: 2 done, 0 failed, 0 pending" in log
+    assert _status(capsys, job_id, head.jobs_api) == "SUCCEEDED"
+
+    layout = OutputLayout(Path(spec.output.path))
+    manifest = json.loads(layout.manifest.read_text())
+    assert manifest["complete"] and sum(manifest["counts"].values()) == len(rows)
+    assert len(read_records(layout)) == len(rows)
+    assert [a["device"] for a in manifest["actors"]] == ["cpu"]
+
+    assert main(["logs", job_id, "--address", head.jobs_api]) == 0  # the whole log, once more
+    assert "shards: 2 done" in capsys.readouterr().out
+
+
+def test_ray_address_works_and_a_stopped_job_resumes_to_the_clean_output(
+    tmp_path, capsys, monkeypatch, head, web, tiny_models
+):
+    site, pairs = web
+    rows = [(site.url(p.path), p.caption) for p in pairs]
+    spec = make_spec(tmp_path, rows, tiny_models, captioner={"batch_size": 2})
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec.to_dict()))
+    layout = OutputLayout(Path(spec.output.path))
+    monkeypatch.setenv("RAY_ADDRESS", head.jobs_api)
+
+    first = _submit(capsys, job)
+    _wait_for(lambda: len(list(layout.shards.glob("*.done.json"))) >= 1 if layout.shards.exists() else False)
+    assert main(["stop", first]) == 0
+    _wait_for(lambda: _status(capsys, first, head.jobs_api) == "STOPPED")
+    assert main(["status", first]) == 1  # a stopped job is not a success
+    stopped = json.loads(layout.manifest.read_text())
+    assert not stopped["complete"]
+
+    second = _submit(capsys, job)
+    assert main(["logs", second, "--follow"]) == 0
+    resumed_log = capsys.readouterr().out
+    assert "already done" in resumed_log and " 0 already done" not in resumed_log
+    manifest = json.loads(layout.manifest.read_text())
+    assert manifest["complete"] and sum(manifest["counts"].values()) == len(rows)
+
+    clean = make_spec(tmp_path, rows, tiny_models, out="clean", captioner={"batch_size": 2})
+    clean_job = tmp_path / "clean.yaml"
+    clean_job.write_text(yaml.safe_dump(clean.to_dict()))
+    assert main(["logs", _submit(capsys, clean_job), "--follow"]) == 0
+    clean_layout = OutputLayout(Path(clean.output.path))
+    for path in clean_layout.shard_parquets():
+        assert pq.read_table(layout.shards / path.name).equals(pq.read_table(path)), path.name
+
+
+def test_unknown_job_and_unreachable_cluster_are_one_line_errors(capsys, head):
+    assert main(["status", "raysubmit_nope", "--address", head.jobs_api]) == 2
+    assert "raysubmit_nope" in capsys.readouterr().err
+    assert main(["logs", "x", "--address", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach Ray's Jobs API at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_a_bad_spec_is_refused_before_anything_is_submitted(tmp_path, capsys, head):
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "input: {url_list: /nowhere.parquet}\noutput: {path: /tmp/x}\ncaptioner: {batch_sise: 4}\n"
+    )
+    assert main(["submit", str(job), "--address", head.jobs_api]) == 2
+    assert "captioner.batch_sise: unknown key (did you mean 'batch_size'?)" in capsys.readouterr().err
+
+
+def _wait_for(condition, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
