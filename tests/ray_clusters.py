@@ -1,4 +1,4 @@
-"""Real Ray clusters on this machine for the cluster tests, everything bound to 127.0.0.1.
+"""Real Ray clusters on this machine for the cluster tests; nothing leaves this machine.
 
 `RayHead` is what an operator types: `ray start --head` in its own temp dir (so neither this test
 session's Ray nor a later `ray.init()` mistakes it for "the local cluster"), with the dashboard and
@@ -105,7 +105,9 @@ def multi_node_cluster(workers: list[dict[str, Any]], head: dict[str, Any]) -> I
 
     record = Path(get_ray_address_file(None))
     saved = record.read_text() if record.exists() else None
-    node = {"node_ip_address": LOOPBACK, "include_dashboard": False}
+    # Nodes take Ray's default address (this machine's own interface): the driver's `ray.init`
+    # turns a 127.0.0.1 address into that one, which a GCS bound to loopback alone would refuse.
+    node = {"include_dashboard": False}
     cluster = Cluster(
         initialize_head=True, head_node_args={**node, "_system_config": FAST_NODE_DEATH, **head}
     )
