@@ -70,7 +70,7 @@ def test_ray_address_works_and_a_stopped_job_resumes_to_the_clean_output(
 ):
     site, pairs = web
     rows = [(site.url(p.path), p.caption) for p in pairs]
-    spec = make_spec(tmp_path, rows, tiny_models, captioner={"batch_size": 2})
+    spec = make_spec(tmp_path, rows, tiny_models, captioner={"batch_size": 2}, output={"shard_size": 8})
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec.to_dict()))
     layout = OutputLayout(Path(spec.output.path))
@@ -91,7 +91,9 @@ def test_ray_address_works_and_a_stopped_job_resumes_to_the_clean_output(
     manifest = json.loads(layout.manifest.read_text())
     assert manifest["complete"] and sum(manifest["counts"].values()) == len(rows)
 
-    clean = make_spec(tmp_path, rows, tiny_models, out="clean", captioner={"batch_size": 2})
+    clean = make_spec(
+        tmp_path, rows, tiny_models, out="clean", captioner={"batch_size": 2}, output={"shard_size": 8}
+    )
     clean_job = tmp_path / "clean.yaml"
     clean_job.write_text(yaml.safe_dump(clean.to_dict()))
     assert main(["logs", _submit(capsys, clean_job), "--follow"]) == 0
