@@ -1,13 +1,15 @@
-"""When the CapFilt stage raises on a chunk: split the chunk in halves and try each half again.
+"""When the CapFilt stage raises on a chunk: split it if it ran out of memory, else try it once more.
 
 The usual failure on a GPU is running out of memory on one batch (a chunk of large images times
-`num_captions` sampled sequences); half the batch fits, and a quarter surely does. So a failed
-chunk is split and retried, down to single images. A failure that survives down to one image is
-not about batch size: that part comes back unscored with its `error` set, the runner marks the
-shard failed (the rest of the job goes on), and a later run of the job tries the shard again.
+`num_captions` sampled sequences); half the batch fits, and a quarter surely does. So a chunk that
+runs out of memory is split in halves and each half tried again, down to single images. Any other
+error is not about batch size: splitting would only repeat it 2n-1 times, so the chunk is tried
+once more whole (a transient fault passes) and then given up. A chunk given up comes back
+unscored with its `error` set; the runner marks its shard failed, the rest of the job goes on,
+and a later run of the job tries the shard again.
 
 Captions of a split chunk are sampled with seeds of its halves (`part` "0", "1", "10", ...), so a
-run that had to split gives the same output again if it splits the same way.
+run that had to split writes the same output again if it splits the same way.
 
 Plain Python, no Ray: the runner calls `score_with_retry` inside its actor.
 """
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.chunks import Chunk
+from pipeline.messages import one_line
 
 Log = Callable[[str], None]
 
@@ -32,29 +35,40 @@ class ChunkStage(Protocol):
 
 
 def score_with_retry(stage: ChunkStage, chunk: Chunk, log: Log) -> Chunk:
-    """`stage(chunk)`, with `error` "" on success; on failure, the halves scored the same way."""
-    try:
-        return {**stage(chunk), "error": ""}
-    except Exception as err:
-        reason = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-    _release_accelerator_memory()
-    where = f"shard {chunk['shard']} chunk {chunk['chunk']}{'.' + chunk['part'] if chunk.get('part') else ''}"
+    """`stage(chunk)` with `error` "" on success; else split (out of memory) or retried once."""
+    where = f"shard {chunk['shard']} chunk {chunk['chunk']}" + (
+        f".{chunk['part']}" if chunk.get("part") else ""
+    )
     size = len(chunk["keys"])
-    if size == 1:
-        log(f"capfilt: {where} (key {chunk['keys'][0]}) failed on its own: {reason}")
-        return {**stage.unscored(chunk), "error": f"scoring key {chunk['keys'][0]} failed: {reason}"}
-    log(f"capfilt: {where} ({size} images) failed: {reason}; retrying it as two halves")
-    first, second = split(chunk)
-    return join([score_with_retry(stage, first, log), score_with_retry(stage, second, log)])
+    for attempt in (1, 2):
+        try:
+            return {**stage(chunk), "error": ""}
+        except Exception as err:
+            reason = f"{type(err).__name__}: {one_line(err, 300)}"
+            if _out_of_memory(err):
+                _release_accelerator_memory()
+                if size > 1:
+                    log(f"capfilt: {where} ({size} images) ran out of memory; retrying it as two halves")
+                    first, second = split(chunk)
+                    return join([score_with_retry(stage, first, log), score_with_retry(stage, second, log)])
+            log(f"capfilt: {where} ({size} images) failed (attempt {attempt} of 2): {reason}")
+    keys = chunk["keys"][0] if size == 1 else f"{chunk['keys'][0]}..{chunk['keys'][-1]}"
+    return {**stage.unscored(chunk), "error": f"{where} (keys {keys}) failed twice: {reason}"}
+
+
+def _out_of_memory(err: Exception) -> bool:
+    """torch.cuda.OutOfMemoryError, or another allocator's "out of memory" RuntimeError."""
+    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower()
 
 
 def split(chunk: Chunk) -> tuple[Chunk, Chunk]:
-    """Two halves of a chunk. A chunk's per-row fields are its lists and arrays (one item per key);
+    """Two halves of a chunk. A chunk's per-row fields are its lists and arrays of one item per key;
     everything else (shard, chunk number) is shared."""
-    half = (len(chunk["keys"]) + 1) // 2
+    n = len(chunk["keys"])
+    half = (n + 1) // 2
     part = chunk.get("part", "")
-    first = {k: v[:half] if _per_row(v) else v for k, v in chunk.items()}
-    second = {k: v[half:] if _per_row(v) else v for k, v in chunk.items()}
+    first = {k: v[:half] if _per_row(v, n) else v for k, v in chunk.items()}
+    second = {k: v[half:] if _per_row(v, n) else v for k, v in chunk.items()}
     return {**first, "part": part + "0"}, {**second, "part": part + "1"}
 
 
@@ -74,8 +88,8 @@ def join(parts: list[Chunk]) -> Chunk:
     return joined
 
 
-def _per_row(value: Any) -> bool:
-    return isinstance(value, list | np.ndarray)
+def _per_row(value: Any, rows: int) -> bool:
+    return isinstance(value, list | np.ndarray) and len(value) == rows
 
 
 def _release_accelerator_memory() -> None:

@@ -7,8 +7,8 @@ shipped: every node runs the cluster image (Dockerfile), which has it installed,
 workers import the stages and must run the code the spec was validated against. So the paths in
 the spec must name storage that the head and the workers see at the same place.
 
-The Jobs API address is `--address`, else `RAY_ADDRESS` (as for Ray's own CLI), else the cluster
-that `ray start` last started on this machine.
+The Jobs API address is `--address`, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS (as for Ray's own
+CLI), else the cluster that `ray start` last started on this machine.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ import yaml
 
 from pipeline import __version__
 from pipeline.config import JobSpec
+from pipeline.messages import one_line
 
 ENTRYPOINT = "capfilt run job.yaml"
+
 SUCCEEDED = "SUCCEEDED"
 ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -36,8 +38,8 @@ class ClusterError(RuntimeError):
 
 
 def submit(spec: JobSpec, address: str | None) -> str:
-    """Submit `spec`; returns the Ray job (submission) id."""
-    spec = spec.with_absolute_paths()
+    """Submit `spec` (its paths as the cluster is to see them: absolute, or object-store URIs);
+    returns the Ray job (submission) id."""
     with jobs_client(address) as client, tempfile.TemporaryDirectory(prefix="capfilt-submit-") as staging:
         Path(staging, "job.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
         return client.submit_job(
@@ -64,12 +66,13 @@ def status(job_id: str, address: str | None) -> dict[str, Any]:
 
 
 def logs(job_id: str, address: str | None, follow: bool, write: Callable[[str], None]) -> str:
-    """Write the job's driver log (all of it so far; with `follow`, until the job ends) and return
-    the job's status at the end."""
+    """Write the job's driver log, all of it so far; with `follow`, until the job ends, and then
+    return the job's final status."""
     with jobs_client(address) as client:
+        status = str(client.get_job_status(job_id).value)  # an unknown id fails here, in one line
         if not follow:
             write(client.get_job_logs(job_id))
-            return str(client.get_job_status(job_id).value)
+            return status
 
         async def tail() -> None:
             async for lines in client.tail_job_logs(job_id):
@@ -89,19 +92,40 @@ def stop(job_id: str, address: str | None) -> bool:
 
 @contextlib.contextmanager
 def jobs_client(address: str | None) -> Iterator[Any]:
-    """A JobSubmissionClient for `address`; errors become one ClusterError line that names it."""
+    """A JobSubmissionClient for `address`; what goes wrong becomes one ClusterError line naming it.
+
+    Ray's client sends the cluster's auth token only under RAY_AUTH_MODE=token, while `ray start`
+    turns token auth on wherever a token file exists; so a cluster that refuses a request for want
+    of a token is asked again with the local token (`_auth_headers`), and no other cluster gets it.
+    """
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    where = address or os.environ.get("RAY_ADDRESS") or "the local Ray cluster"
+    refusals = _refusals()
+    where = (address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+             or "the local Ray cluster")  # fmt: skip
     try:
         with _address_wins(address):
-            client = JobSubmissionClient(address, headers=_auth_headers())
-    except (ConnectionError, ValueError, RuntimeError) as err:
-        raise ClusterError(f"cannot reach Ray's Jobs API at {where}: {_one_line(err)}") from None
+            try:
+                client = JobSubmissionClient(address)
+            except AuthenticationError:
+                client = JobSubmissionClient(address, headers=_auth_headers())
+    except refusals as err:
+        raise ClusterError(f"cannot reach Ray's Jobs API at {where}: {one_line(err)}") from None
     try:
         yield client
-    except RuntimeError as err:  # the Jobs API's answer to an unknown job id and other refusals
-        raise ClusterError(f"Ray's Jobs API at {where}: {_one_line(err)}") from None
+    except refusals as err:  # an unknown job id, a lost connection, a refused token
+        raise ClusterError(f"Ray's Jobs API at {where}: {one_line(err)}") from None
+
+
+def _refusals() -> tuple[type[BaseException], ...]:
+    """What a Jobs API call fails with: Ray's refusals (an unknown job id is a RuntimeError, a bad
+    token a RayError) and the transports' errors (requests' for calls, aiohttp's for `--follow`)."""
+    import aiohttp
+    import requests
+    from ray.exceptions import RayError
+
+    return (RuntimeError, ValueError, OSError, RayError, requests.RequestException, aiohttp.ClientError)
 
 
 @contextlib.contextmanager
@@ -118,9 +142,8 @@ def _address_wins(address: str | None) -> Iterator[None]:
 
 
 def _auth_headers() -> dict[str, str]:
-    """Ray's token authentication, as `ray start` does it: on unless RAY_AUTH_MODE=disabled, with the
-    token from RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token. (Ray's job
-    client sends it only when RAY_AUTH_MODE=token is set, so a token cluster refused it by default.)"""
+    """The token Ray's own tools would use: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or
+    ~/.ray/auth_token; none under RAY_AUTH_MODE=disabled."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return {}
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
@@ -128,7 +151,3 @@ def _auth_headers() -> dict[str, str]:
         path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
         token = path.read_text().strip() if path.is_file() else ""
     return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())[:500]

@@ -26,6 +26,7 @@ from pipeline.config import JobSpec
 from pipeline.download import DownloadStage
 from pipeline.layout import OutputLayout, write_json_atomically
 from pipeline.manifest import build_manifest, check_accounting
+from pipeline.messages import one_line
 from pipeline.preprocess import PreprocessStage
 from pipeline.resources import Resources
 from pipeline.shard_writer import ShardWriter, scores_by_key
@@ -141,7 +142,8 @@ def _capfilt(spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=stage.resources.cpus,
                 num_gpus=stage.resources.gpus,
-                # On as many nodes as have room: one lost node then costs fewer actors.
+                # On as many nodes as have room, so one lost node costs few actors (Ray Data's default
+                # today; named because the fault tolerance counts on it).
                 scheduling_strategy="SPREAD",
             )
         )
@@ -150,11 +152,11 @@ def _capfilt(spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint
         try:
             for row in ds.iter_rows():
                 chunk, name = dict(row), row["shard"]
-                outcome.count(chunk)
-                if name in outcome.errors or name in writes:
+                if name in outcome.errors or name in writes or chunk["chunk"] in arrived[name]:
                     continue
+                outcome.count(chunk)
                 if chunk["error"]:
-                    outcome.errors[name] = f"caption/filter failed, chunk {chunk['chunk']}: {chunk['error']}"
+                    outcome.errors[name] = f"caption/filter failed: {chunk['error']}"
                     log(f"capfilt: shard {name} failed: {outcome.errors[name]}")
                     arrived.pop(name, None)
                     continue
@@ -162,14 +164,15 @@ def _capfilt(spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint
                 if len(arrived[name]) == expected[name]:
                     writes[name] = write.remote(writer, name, list(arrived.pop(name).values()))
         except Exception as err:  # the stage failed: finished shards stay, the rest are reported
-            reason = f"caption/filter stage failed: {' '.join(str(err).split())[:500]}"
+            reason = f"caption/filter stage failed: {one_line(err)}"
             log(f"capfilt: {reason}")
-            outcome.errors.update({name: reason for name in to_score if name not in writes})
+            unfinished = [name for name in to_score if name not in writes and name not in outcome.errors]
+            outcome.errors.update(dict.fromkeys(unfinished, reason))
     for name, ref in writes.items():
         try:
             outcome.reports[name] = ray.get(ref)
         except Exception as err:
-            outcome.errors[name] = f"writing the shard failed: {' '.join(str(err).split())[:500]}"
+            outcome.errors[name] = f"writing the shard failed: {one_line(err)}"
     return outcome
 
 

@@ -19,17 +19,19 @@ from tests.test_capfilt_stage import _chunk
 
 
 class OutOfMemoryAbove(CapFiltStage):
-    """Raises like torch's allocator on more than `fits` images, and always on key `poison`."""
+    """Raises like torch's allocator on more than `fits` images; on key `poison`, raises another
+    error `poison_calls` times (forever by default)."""
 
-    def __init__(self, fits: int, poison: str | None = None, **specs) -> None:
+    def __init__(self, fits: int, poison: str | None = None, poison_calls: int = 10**9, **specs) -> None:
         super().__init__(**specs)
-        self.fits, self.poison, self.calls = fits, poison, []
+        self.fits, self.poison, self.poison_calls, self.calls = fits, poison, poison_calls, []
 
     def __call__(self, chunk):
         self.calls.append(list(chunk["keys"]))
         if len(chunk["keys"]) > self.fits:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        if self.poison in chunk["keys"]:
+        if self.poison in chunk["keys"] and self.poison_calls > 0:
+            self.poison_calls -= 1
             raise ValueError(f"cannot score {self.poison}")
         return super().__call__(chunk)
 
@@ -62,8 +64,8 @@ def test_a_chunk_too_large_is_split_until_it_fits_and_every_row_is_scored(tiny_m
     assert all(not math.isnan(s) for row in result["synthetic_itm"] for s in row)
     assert all(not math.isnan(s) for s in result["caption_itm"][:-1])  # the last web caption is blank
     assert all(len(row) == 2 and all(row) for row in result["synthetic_captions"])
-    assert len(lines) == 3 and all("CUDA out of memory" in line for line in lines)
-    assert "retrying it as two halves" in lines[0]
+    assert len(lines) == 3 and all("ran out of memory; retrying it as two halves" in line for line in lines)
+    assert lines[1].startswith("capfilt: shard 00000 chunk 0.0 (4 images)")
 
 
 def test_the_halves_are_scored_as_the_same_images_on_their_own(tiny_models, specs):
@@ -77,15 +79,32 @@ def test_the_halves_are_scored_as_the_same_images_on_their_own(tiny_models, spec
     assert again["synthetic_captions"] == halves["synthetic_captions"]  # same split, same seeds
 
 
-def test_a_row_that_fails_on_its_own_fails_the_chunk_and_names_the_key(tiny_models, specs):
+def test_another_error_is_tried_once_more_whole_then_fails_the_chunk(tiny_models, specs):
     stage, lines = _stage(specs, fits=99, poison="0003"), []
     chunk = _chunk(tiny_models, 6)
     result = score_with_retry(stage, chunk, lines.append)
-    assert result["error"] == "scoring key 0003 failed: ValueError: cannot score 0003"
-    assert result["keys"] == chunk["keys"]
-    assert math.isnan(result["caption_itm"][3])
-    assert not math.isnan(result["caption_itm"][0])  # the other rows were scored all the same
-    assert any("(key 0003) failed on its own" in line for line in lines)
+    assert stage.calls == [chunk["keys"], chunk["keys"]]  # not split: splitting cannot help it
+    assert (
+        result["error"] == "shard 00000 chunk 0 (keys 0000..0005) failed twice: ValueError: cannot score 0003"
+    )
+    assert result["keys"] == chunk["keys"] and all(math.isnan(s) for s in result["caption_itm"])
+    assert [line.split("failed ")[1][:12] for line in lines] == ["(attempt 1 o", "(attempt 2 o"]
+
+
+def test_a_transient_error_passes_on_the_second_try(tiny_models, specs):
+    stage = _stage(specs, fits=99, poison="0001", poison_calls=1)
+    result = score_with_retry(stage, _chunk(tiny_models, 4), print)
+    assert result["error"] == "" and len(stage.calls) == 2
+    assert not any(math.isnan(s) for s in result["caption_itm"][:-1])
+
+
+def test_one_image_that_still_runs_out_of_memory_fails_its_chunk(tiny_models, specs):
+    stage = _stage(specs, fits=0)
+    result = score_with_retry(stage, _chunk(tiny_models, 2), print)
+    assert result["error"].startswith(
+        "shard 00000 chunk 0.0 (keys 0000) failed twice: RuntimeError: CUDA out of memory"
+    )
+    assert len(result["keys"]) == 2 and len(stage.calls) == 1 + 2 + 2  # whole, then each half twice
 
 
 def test_a_decode_failure_is_a_row_fate_not_a_stage_failure(tiny_models, specs):

@@ -8,6 +8,7 @@ output an uninterrupted run writes.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -102,11 +103,21 @@ def test_ray_address_works_and_a_stopped_job_resumes_to_the_clean_output(
         assert pq.read_table(layout.shards / path.name).equals(pq.read_table(path)), path.name
 
 
-def test_unknown_job_and_unreachable_cluster_are_one_line_errors(capsys, head):
-    assert main(["status", "raysubmit_nope", "--address", head.jobs_api]) == 2
-    assert "raysubmit_nope" in capsys.readouterr().err
+def test_unknown_job_and_unreachable_cluster_are_one_line_errors(capsys, monkeypatch, head):
+    for command in (["status"], ["logs"], ["logs", "--follow"], ["stop"]):
+        assert main([*command[:1], "raysubmit_nope", *command[1:], "--address", head.jobs_api]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.startswith(f"capfilt: error: Ray's Jobs API at {head.jobs_api}: ") and "raysubmit_nope" in err
+        )
+        assert err.count("\n") == 1, err
     assert main(["logs", "x", "--address", "http://127.0.0.1:9"]) == 2
     assert "cannot reach Ray's Jobs API at http://127.0.0.1:9" in capsys.readouterr().err
+    # --address wins over RAY_ADDRESS (which Ray's client would prefer), and RAY_ADDRESS is left as it was.
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+    assert main(["status", "raysubmit_nope", "--address", head.jobs_api]) == 2
+    assert f"Ray's Jobs API at {head.jobs_api}: " in capsys.readouterr().err
+    assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:9"
 
 
 def test_a_bad_spec_is_refused_before_anything_is_submitted(tmp_path, capsys, head):
