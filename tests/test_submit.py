@@ -7,6 +7,8 @@ output an uninterrupted run writes.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import time
@@ -41,40 +43,54 @@ def _status(capsys, job_id: str, address: str) -> str:
     return capsys.readouterr().out.split(": ", 1)[1].split()[0]
 
 
-def test_submit_follow_status_and_the_output_it_wrote(tmp_path, capsys, head, web, tiny_models):
-    site, pairs = web
-    rows = [(site.url(p.path), p.caption) for p in pairs][:30]
-    spec = make_spec(tmp_path, rows, tiny_models, resources={"actors": None})
-    job = tmp_path / "job.yaml"
+def _job(tmp_path: Path, rows, tiny_models, out: str) -> tuple[Path, OutputLayout]:
+    """The job as YAML: chunks of 2 and shards of 8 rows, so that shards finish one after another."""
+    spec = make_spec(
+        tmp_path, rows, tiny_models, out=out, captioner={"batch_size": 2}, output={"shard_size": 8}
+    )
+    job = tmp_path / f"{out}.yaml"
     job.write_text(yaml.safe_dump(spec.to_dict()))
+    return job, OutputLayout(Path(spec.output.path))
 
-    job_id = _submit(capsys, job, "--address", head.jobs_api)
+
+@pytest.fixture(scope="module")
+def job_rows(web) -> list[tuple[str, str]]:
+    site, pairs = web
+    return [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"]  # no waits for timeouts
+
+
+@pytest.fixture(scope="module")
+def clean_submission(tmp_path_factory, head, job_rows, tiny_models):
+    """The job submitted and followed to its end as a user does: (job id, exit code of `logs
+    --follow`, what the two commands printed, the output layout)."""
+    job, layout = _job(tmp_path_factory.mktemp("submitted"), job_rows, tiny_models, "clean")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["submit", str(job), "--address", head.jobs_api]) == 0
+        job_id = printed.getvalue().strip()
+        code = main(["logs", job_id, "--follow", "--address", head.jobs_api])  # returns when it ends
+    return job_id, code, printed.getvalue(), layout
+
+
+def test_submit_follow_status_and_the_output_it_wrote(capsys, head, clean_submission, job_rows):
+    job_id, code, log, layout = clean_submission
     assert job_id.startswith("raysubmit_")
-    assert main(["logs", job_id, "--follow", "--address", head.jobs_api]) == 0  # returns when it ends
-    log = capsys.readouterr().out
+    assert code == 0
     assert "no GPUs in the Ray cluster: CapFilt actors run on the CPU" in log  # the CPU-only cluster says so
-    assert "shards: 2 done, 0 failed, 0 pending" in log
-    assert _status(capsys, job_id, head.jobs_api) == "SUCCEEDED"
-
-    layout = OutputLayout(Path(spec.output.path))
     manifest = json.loads(layout.manifest.read_text())
-    assert manifest["complete"] and sum(manifest["counts"].values()) == len(rows)
-    assert len(read_records(layout)) == len(rows)
+    assert f"shards: {len(manifest['shards'])} done, 0 failed, 0 pending" in log
+    assert _status(capsys, job_id, head.jobs_api) == "SUCCEEDED"
+    assert manifest["complete"] and sum(manifest["counts"].values()) == len(job_rows)
+    assert len(read_records(layout)) == len(job_rows)
     assert [a["device"] for a in manifest["actors"]] == ["cpu"]
 
     assert main(["logs", job_id, "--address", head.jobs_api]) == 0  # the whole log, once more
-    assert "shards: 2 done" in capsys.readouterr().out
+    assert f"shards: {len(manifest['shards'])} done" in capsys.readouterr().out
 
 
 def test_ray_address_works_and_a_stopped_job_resumes_to_the_clean_output(
-    tmp_path, capsys, monkeypatch, head, web, tiny_models
+    tmp_path, capsys, monkeypatch, head, clean_submission, job_rows, tiny_models
 ):
-    site, pairs = web
-    rows = [(site.url(p.path), p.caption) for p in pairs]
-    spec = make_spec(tmp_path, rows, tiny_models, captioner={"batch_size": 2}, output={"shard_size": 8})
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(spec.to_dict()))
-    layout = OutputLayout(Path(spec.output.path))
+    job, layout = _job(tmp_path, job_rows, tiny_models, "stopped")
     monkeypatch.setenv("RAY_ADDRESS", head.jobs_api)
 
     first = _submit(capsys, job)
@@ -90,16 +106,10 @@ def test_ray_address_works_and_a_stopped_job_resumes_to_the_clean_output(
     resumed_log = capsys.readouterr().out
     assert "already done" in resumed_log and " 0 already done" not in resumed_log
     manifest = json.loads(layout.manifest.read_text())
-    assert manifest["complete"] and sum(manifest["counts"].values()) == len(rows)
+    assert manifest["complete"] and sum(manifest["counts"].values()) == len(job_rows)
 
-    clean = make_spec(
-        tmp_path, rows, tiny_models, out="clean", captioner={"batch_size": 2}, output={"shard_size": 8}
-    )
-    clean_job = tmp_path / "clean.yaml"
-    clean_job.write_text(yaml.safe_dump(clean.to_dict()))
-    assert main(["logs", _submit(capsys, clean_job), "--follow"]) == 0
-    clean_layout = OutputLayout(Path(clean.output.path))
-    for path in clean_layout.shard_parquets():
+    clean = clean_submission[3]
+    for path in clean.shard_parquets():
         assert pq.read_table(layout.shards / path.name).equals(pq.read_table(path)), path.name
 
 
