@@ -16,7 +16,6 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.capfilt_stage import CapFiltStage
@@ -47,9 +46,9 @@ class JobResult:
 def run_job(spec: JobSpec, address: str | None = None, log: Log = print) -> JobResult:
     """Run (or resume) a job to the end and write its manifest."""
     spec = spec.with_absolute_paths()
-    layout = OutputLayout(Path(spec.output.path))
+    layout = OutputLayout(spec.output.path)
     check_columns(spec.input)
-    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.root.mkdir()
     fingerprint = spec.fingerprint()
     with ray_session(address):
         rows = prepare(spec.input, spec.download.allow_private_networks, layout.prepared_input,
