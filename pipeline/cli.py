@@ -77,7 +77,7 @@ def _rethreshold(args: argparse.Namespace) -> int:
     from pipeline.rethreshold import rethreshold
     from pipeline.summary import format_summary
 
-    manifest = rethreshold(JobOutput.open(args.out_dir), args.threshold, Path(args.out))
+    manifest = rethreshold(JobOutput.open(args.out_dir), args.threshold, args.out)
     print(format_summary(manifest, args.out))
     return 0
 

@@ -42,7 +42,17 @@ def web() -> Iterator[tuple[StaticSite, list[SamplePair]]]:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 on 127.0.0.1, in the environment (AWS_ENDPOINT_URL and dummy credentials)."""
+    from tests.s3 import s3_server
+
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint) -> Iterator[None]:
+    """One local Ray; started after the S3 endpoint is in the environment, so its workers have it."""
     import ray
 
     from pipeline.runner import WORKER_ENV
