@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # botocore must never look for an instance role here
 
 from collections import Counter
 from collections.abc import Iterator

@@ -42,10 +42,12 @@ def s3_server() -> Iterator[str]:
     os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
     os.environ.pop("AWS_PROFILE", None)
     os.environ.pop("AWS_SESSION_TOKEN", None)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # one made before has no endpoint
     try:
         yield endpoint
     finally:
         server.stop()
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
