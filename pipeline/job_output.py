@@ -80,9 +80,11 @@ class JobOutput:
     def shards(self) -> list[ShardState]:
         """Every shard of the job, DONE when its completion marker says so, in shard order."""
         states = []
+        names = [entry["shard"] for entry in self.manifest["shards"]]
+        reports = self.layout.finished_reports(names, self.manifest["fingerprint"])
         for entry in self.manifest["shards"]:
             name = entry["shard"]
-            report = self.layout.finished_report(name, self.manifest["fingerprint"])
+            report = reports.get(name)
             if report is not None:
                 states.append(ShardState(name, DONE, report, None))
             elif entry["status"] == FAILED:

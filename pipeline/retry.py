@@ -89,8 +89,8 @@ def retry_failed(output: JobOutput, address: str | None = None, log: Log = print
             now = output.read_shard(shard).select(["key", "status"]).to_pylist()
             fates = add_counts(fates, count_fates(r["status"] for r in now if r["key"] in rows))
     work.rmtree()
-    reports = {n: output.layout.finished_report(n, spec.fingerprint()) for n in shards}
-    manifest = build_manifest(spec, output.input_rows, shards, {n: r for n, r in reports.items() if r}, {})
+    reports = output.layout.finished_reports(shards, spec.fingerprint())
+    manifest = build_manifest(spec, output.input_rows, shards, reports, {})
     write_json_atomically(output.layout.manifest, manifest)
     check_accounting(manifest)
     return RetryResult(manifest, retried, fates)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from torch.utils.data import DataLoader
 
 from pipeline.cli import main
 from pipeline.config import SpecError, spec_from_dict
@@ -149,6 +150,8 @@ def test_the_loader_reads_the_shards_from_s3(jobs):
         for _, caption, record in CapFiltDataset(local_result.layout.root, with_record=True)
     }
     assert from_s3 == local and from_s3
+    workers = DataLoader(CapFiltDataset(remote.output.path, with_record=True), batch_size=None, num_workers=2)
+    assert {record["key"]: caption for _, caption, record in workers} == local  # forked workers open S3 too
     one_tar = f"{remote.output.path}/shards/00000.tar"
     assert {r["key"] for _, _, r in CapFiltDataset(one_tar, with_record=True)} == {
         k for k in local if k.startswith("00000")
