@@ -44,7 +44,7 @@ def build_output(root: Path, shards: int, rows: int, seed: int = 0) -> int:
     spec = spec_from_dict({"input": {"url_list": str(url_list)}, "output": {"path": str(root / "output")}})
     spec = spec_from_dict({**spec.to_dict(), "output": {"path": str(root / "output"), "shard_size": rows}})
     layout = OutputLayout(Path(spec.output.path))
-    layout.downloads.mkdir(parents=True)
+    layout.downloads.mkdir()
     writer = ShardWriter(layout, spec.filter.threshold, spec.fingerprint())
     names, reports = [], {}
     for s in range(shards):

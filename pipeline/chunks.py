@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipeline.download import DOWNLOADED
 from pipeline.layout import OutputLayout
+from pipeline.storage import read_parquet
 from pipeline.url_list import CAPTION
 
 Chunk = dict[str, Any]
@@ -24,7 +23,7 @@ Chunk = dict[str, Any]
 
 def downloaded_keys(layout: OutputLayout, shard: str) -> list[str]:
     """Keys of the rows img2dataset downloaded and decoded, sorted (the tar's order)."""
-    table = pq.read_table(layout.raw_parquet(shard), columns=["key", "status"])
+    table = read_parquet(layout.raw_parquet(shard), columns=["key", "status"])
     return sorted(k for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist(), strict=True)
                   if s == DOWNLOADED)  # fmt: skip
 
@@ -42,7 +41,7 @@ class ChunkReader:
 
     def __call__(self, row: dict[str, Any]) -> Iterator[Chunk]:
         shard = row["shard"]
-        meta = pq.read_table(self.layout.raw_parquet(shard), columns=["key", CAPTION])
+        meta = read_parquet(self.layout.raw_parquet(shard), columns=["key", CAPTION])
         caption_of = dict(zip(meta["key"].to_pylist(), meta[CAPTION].to_pylist(), strict=True))
         keys = downloaded_keys(self.layout, shard)
         jpegs = _jpegs(self.layout, shard, set(keys))
@@ -59,7 +58,7 @@ class ChunkReader:
 
 def _jpegs(layout: OutputLayout, shard: str, keys: set[str]) -> dict[str, bytes]:
     found = {}
-    with tarfile.open(layout.raw_tar(shard)) as tar:
+    with layout.raw_tar(shard).open("rb") as stream, tarfile.open(fileobj=stream) as tar:
         for member in tar:
             key, _, ext = member.name.partition(".")
             if ext == "jpg" and key in keys:

@@ -43,12 +43,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace) -> int:
     from pipeline.cluster_jobs import submit
+    from pipeline.storage import is_uri
     from pipeline.url_list import check_columns
 
     spec = load_spec(args.job, overrides=args.set, check_files=False).with_absolute_paths()
+    # A URL list in an object store is left to the cluster: its credentials are the ones that count.
     if Path(spec.input.url_list).is_file():
         check_columns(spec.input)
-    else:
+    elif not is_uri(spec.input.url_list):
         print(f"capfilt: note: {spec.input.url_list} is not on this machine; the cluster must see it there",
               file=sys.stderr)  # fmt: skip
     job_id = submit(spec, args.address)
@@ -126,7 +128,7 @@ def _rethreshold(args: argparse.Namespace) -> int:
     from pipeline.rethreshold import rethreshold
     from pipeline.summary import format_summary
 
-    manifest = rethreshold(JobOutput.open(args.out_dir), args.threshold, Path(args.out))
+    manifest = rethreshold(JobOutput.open(args.out_dir), args.threshold, args.out)
     print(format_summary(manifest, args.out))
     return 0
 

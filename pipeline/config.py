@@ -20,6 +20,7 @@ import jsonschema
 import yaml
 
 from pipeline.bundled import bundled_path
+from pipeline.storage import Location, is_uri
 
 DEFAULT_DISALLOWED_HEADER_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 
@@ -104,18 +105,22 @@ class JobSpec:
     def with_absolute_paths(self) -> JobSpec:
         """Paths as the driver sees them, so Ray workers (on other nodes too) open the same files.
 
-        A model value that is an existing directory is a path; anything else is a hub name.
+        A model value that is an existing directory is a path; anything else is a hub name. A URI
+        (`s3://…`, `file:///…`) already names the same thing everywhere and is left as it is.
         """
 
         def absolute(value: str) -> str:
             return str(Path(value).resolve()) if Path(value).exists() else value
 
+        def location(value: str) -> str:
+            return value if is_uri(value) else str(Path(value).resolve())
+
         return dataclasses.replace(
             self,
-            input=dataclasses.replace(self.input, url_list=str(Path(self.input.url_list).resolve())),
+            input=dataclasses.replace(self.input, url_list=location(self.input.url_list)),
             captioner=dataclasses.replace(self.captioner, model=absolute(self.captioner.model)),
             filter=dataclasses.replace(self.filter, model=absolute(self.filter.model)),
-            output=dataclasses.replace(self.output, path=str(Path(self.output.path).resolve())),
+            output=dataclasses.replace(self.output, path=location(self.output.path)),
         )
 
     def download_fingerprint(self) -> str:
@@ -263,5 +268,15 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 def _check_files(spec: JobSpec) -> None:
     url_list = spec.input.url_list
-    if not Path(url_list).is_file():
-        raise SpecError(f"input.url_list: no such file: {url_list} (a local file is expected)")
+    try:
+        found = Location.of(url_list).is_file()
+    except (ImportError, ValueError, OSError) as err:  # unknown scheme, backend not installed, no access
+        raise SpecError(f"input.url_list: cannot open {url_list}: {' '.join(str(err).split())}") from None
+    if not found:
+        raise SpecError(f"input.url_list: no such file: {url_list} (a local path or an fsspec URI)")
+    output = spec.output.path
+    if is_uri(output):
+        try:
+            Location.of(output)
+        except (ImportError, ValueError) as err:
+            raise SpecError(f"output.path: cannot open {output}: {' '.join(str(err).split())}") from None

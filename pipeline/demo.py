@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from pipeline.runner import JobResult
 from pipeline.sample_web import hostile_pairs
+from pipeline.storage import read_parquet
 from pipeline.synthetic.splits import web_split
 from pipeline.synthetic.trained import export_trained_models
 from pipeline.synthetic.web_job import run_web_job
@@ -30,7 +29,7 @@ def examples(result: JobResult, n: int = 3) -> str:
     threshold = result.manifest["spec"]["filter"]["threshold"]
     lines = ["web captions the filter dropped, and the caption kept instead:"]
     for path in result.layout.shard_parquets():
-        for row in pq.read_table(path, columns=["caption", "caption_itm", "selected_caption"]).to_pylist():
+        for row in read_parquet(path, columns=["caption", "caption_itm", "selected_caption"]).to_pylist():
             score = row["caption_itm"]
             if score is not None and score < threshold and row["selected_caption"] is not None:
                 lines.append(f"  {row['caption'][:60]!r} (itm {score:.2f}) -> {row['selected_caption']!r}")

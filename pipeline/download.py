@@ -3,7 +3,9 @@
 img2dataset writes `downloads/NNNNN.tar` (WebDataset of the resized images), `NNNNN.parquet` (a
 row per sample, failed ones included, with `status` and `error_message`) and `NNNNN_stats.json`,
 its done marker: re-running skips shards that have one (`incremental_mode`). Shard `i` holds rows
-`i * shard_size ...` of `_input.parquet`, in order.
+`i * shard_size ...` of `_input.parquet`, in order. Both are given to img2dataset as fsspec URIs
+(plain paths locally), which it opens itself: on an object store its incremental mode lists the
+stats files there, and its `_tmp` staging directory lives under `downloads/` too.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ class DownloadStage:
         """img2dataset.download's arguments for this job (the distributor is the runner's choice)."""
         d = self.spec.download
         return {
-            "url_list": str(self.layout.prepared_input),
+            "url_list": self.layout.prepared_input.uri,
             "input_format": "parquet",
             "url_col": "url",
             "caption_col": None,
             "save_additional_columns": list(CARRIED_COLUMNS),
-            "output_folder": str(self.layout.downloads),
+            "output_folder": self.layout.downloads.uri,
             "output_format": "webdataset",
             "image_size": d.image_size,
             "resize_mode": d.resize_mode,

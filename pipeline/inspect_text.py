@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.decide import SYNTHETIC, WEB
 from pipeline.inspection import Inspection, ScoreHistogram
 from pipeline.manifest import DONE, FAILED, PENDING
+from pipeline.storage import Location
 from pipeline.summary import fate_table, percent
 
 ERRORS_LISTED = 10
 
 
-def format_inspection(found: Inspection, root: Path) -> str:
+def format_inspection(found: Inspection, root: Location) -> str:
     return "\n\n".join(
         [
             _heading(found, root),
@@ -25,7 +24,7 @@ def format_inspection(found: Inspection, root: Path) -> str:
     ).rstrip()
 
 
-def _heading(found: Inspection, root: Path) -> str:
+def _heading(found: Inspection, root: Location) -> str:
     state = "complete" if found.complete else f"INCOMPLETE: {found.progress}"
     return f"capfilt output {root} ({state}); ITM threshold {found.threshold:g}"
 

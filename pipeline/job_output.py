@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import JobSpec, SpecError, typed_spec
 from pipeline.layout import OutputLayout
 from pipeline.manifest import DONE, FAILED, PENDING
+from pipeline.storage import read_parquet
 
 
 class OutputError(ValueError):
@@ -40,10 +40,15 @@ class JobOutput:
 
     @classmethod
     def open(cls, path: str | Path) -> JobOutput:
-        root = Path(path)
-        if not root.is_dir():
+        """`path`: a local directory or an fsspec URI (`s3://bucket/job`)."""
+        try:
+            layout = OutputLayout(path)
+            found = layout.root.is_dir()
+        except (ImportError, ValueError, OSError) as err:  # unknown scheme, backend not installed, no access
+            raise OutputError(f"{path}: cannot open: {' '.join(str(err).split())}") from None
+        root = layout.root
+        if not found:
             raise OutputError(f"{root}: no such directory")
-        layout = OutputLayout(root)
         if not layout.manifest.is_file():
             raise OutputError(
                 f"{root}: no manifest.json: not a capfilt output, or its job stopped before it had read "
@@ -75,9 +80,11 @@ class JobOutput:
     def shards(self) -> list[ShardState]:
         """Every shard of the job, DONE when its completion marker says so, in shard order."""
         states = []
+        names = [entry["shard"] for entry in self.manifest["shards"]]
+        reports = self.layout.finished_reports(names, self.manifest["fingerprint"])
         for entry in self.manifest["shards"]:
             name = entry["shard"]
-            report = self.layout.finished_report(name, self.manifest["fingerprint"])
+            report = reports.get(name)
             if report is not None:
                 states.append(ShardState(name, DONE, report, None))
             elif entry["status"] == FAILED:
@@ -87,7 +94,7 @@ class JobOutput:
         return states
 
     def read_shard(self, name: str) -> pa.Table:
-        return pq.read_table(self.layout.shard_parquet(name))
+        return read_parquet(self.layout.shard_parquet(name))
 
     def require_complete(self, command: str) -> list[str]:
         """The shard names, all done: `command` needs every shard written (it rewrites the output)."""

@@ -26,17 +26,22 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.decide import SYNTHETIC, WEB
+from pipeline.storage import Location
 
 Record = dict[str, Any]
 Shards = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+:")  # http:, s3:, pipe:, file:; two letters at least (not C:)
+# Opened through fsspec (the store capfilt writes to, with the same credentials), not webdataset's
+# gopen, which has no S3 or Azure handler and reads gs: through the gsutil command.
+FSSPEC_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "file"})
 
 
 class CaptionPolicy(StrEnum):
@@ -52,8 +57,10 @@ class CapFiltDataset(IterableDataset):
     """The kept samples of capfilt shards as (image, caption), or (image, caption, record).
 
     `shards`: a job's output dir (reads OUT/shards/*.tar, sorted), a dir of tars, one tar, a list of
-    paths or URLs, or a string webdataset reads ("https://host/shards/{00000..00099}.tar", "pipe:...");
-    URLs are passed to webdataset as they are. `transform` is applied to the PIL RGB image.
+    paths or URLs, or a string webdataset reads ("https://host/shards/{00000..00099}.tar", "pipe:...").
+    An object-store URI (`s3://bucket/job`, `gs://…`, `az://…`, `file://…`) is a job's output, a
+    prefix of tars or one tar, listed and opened through fsspec (credentials as for `capfilt run`);
+    other URLs are passed to webdataset as they are. `transform` is applied to the PIL RGB image.
     `shuffle` > 0 shuffles the shard order each epoch and the samples in a buffer of that size (a
     buffer alone would only mix neighbouring shards, and shuffling shards costs nothing); 0 reads in
     shard and key order. `rank`/`world_size` default to torch.distributed when it is initialised,
@@ -107,7 +114,7 @@ class CapFiltDataset(IterableDataset):
             # its slice of it: the slices partition the shards.
             wds.SimpleShardList(self.shards, seed=f"{epoch_seed}/shards" if self.shuffle else None),
             lambda src: islice(islice(src, self.rank, None, self.world_size), worker, None, workers),
-            wds.tarfile_to_samples(),
+            _tar_samples,
             wds.shuffle(self.shuffle, seed=f"{epoch_seed}/{self.rank}/{worker}") if self.shuffle else None,
             self._pairs,
         )
@@ -146,6 +153,8 @@ def shard_list(shards: Shards) -> list[str]:
 
 
 def _expand(item: str) -> list[str]:
+    if _fsspec_url(item):
+        return _expand_store(item)
     if _URL.match(item):
         return [item]
     path = Path(item)
@@ -158,6 +167,37 @@ def _expand(item: str) -> list[str]:
     if not tars:
         raise FileNotFoundError(f"no shards (*.tar) in {folder}: expected a job's output dir or a shards dir")
     return [str(t) for t in tars]
+
+
+def _fsspec_url(url: str) -> bool:
+    return bool(_URL.match(url)) and url.partition(":")[0].lower() in FSSPEC_SCHEMES
+
+
+def _expand_store(uri: str) -> list[str]:
+    """An object-store tar as it is; a job's output prefix or a prefix of tars, listed now."""
+    if uri.endswith(".tar"):
+        return [uri]
+    location = Location.of(uri)
+    folder = location / "shards" if (location / "shards").is_dir() else location
+    tars = folder.glob("*.tar")
+    if not tars:
+        raise FileNotFoundError(f"no shards (*.tar) in {folder}: expected a job's output or a shards prefix")
+    return [t.uri for t in tars]
+
+
+def _tar_samples(urls: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """webdataset's `tarfile_to_samples`, with object-store URLs opened through fsspec."""
+    return wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(_open(urls)))
+
+
+def _open(urls: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for sample in urls:
+        url = sample["url"]
+        stream = fsspec.open(url, "rb").open() if _fsspec_url(url) else wds.gopen(url)
+        try:
+            yield {**sample, "stream": stream}
+        finally:
+            stream.close()
 
 
 def _node(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -9,8 +9,12 @@ fates are decided by the very code that decided them the first time. NEW then re
 output: `capfilt inspect` shows it, `capfilt run` with its spec finds it complete, and a further
 rethreshold, even to a lower threshold that keeps images OUT filtered, finds their images.
 
-NEW is built in a hidden sibling directory and renamed into place when complete, so an interrupted
-rethreshold leaves no half-written NEW behind and can simply be run again.
+On a local or shared filesystem NEW is built in a hidden sibling directory and renamed into place
+when complete, so an interrupted rethreshold leaves no half-written NEW behind and can simply be run
+again. An object store has no atomic rename of a prefix, so there NEW is built in place, the raw
+files are server-side copies (`fs.copy`) instead of hard links, and its `manifest.json` is written
+last: a NEW without a manifest is not an output (`capfilt inspect` and the loader's readers refuse
+it), and rethreshold into it again starts over.
 """
 
 from __future__ import annotations
@@ -18,28 +22,27 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import pyarrow.parquet as pq
 
 from pipeline.job_output import JobOutput, OutputError
 from pipeline.layout import OutputLayout, write_json_atomically
 from pipeline.manifest import build_manifest, check_accounting
 from pipeline.shard_writer import ShardWriter, scores_from_records
+from pipeline.storage import Location, read_parquet
 
 
-def rethreshold(source: JobOutput, threshold: float, target: Path) -> dict[str, Any]:
-    """Write the output for `threshold` into `target` (a new directory) and return its manifest."""
+def rethreshold(source: JobOutput, threshold: float, target: str | Path | Location) -> dict[str, Any]:
+    """Write the output for `threshold` into `target` (a new directory or prefix, a local path or an
+    fsspec URI) and return its manifest."""
     if not 0 <= threshold <= 1:
         raise OutputError(f"--threshold: {threshold} is not an ITM probability between 0 and 1")
     names = source.require_complete("rethreshold it")
-    target = target.resolve()
+    target = Location.of(target).resolve()
     if target == source.layout.root.resolve():
         raise OutputError(f"--out {target}: must be a new directory; the job's output stays as it is")
-    if target.exists() and any(target.iterdir()):
+    if any(target.iterdir()) and not _interrupted_here(target):
         raise OutputError(f"--out {target}: not empty; rethreshold writes a new output directory")
     if names and not source.layout.downloads.is_dir():
         raise OutputError(
@@ -50,14 +53,17 @@ def rethreshold(source: JobOutput, threshold: float, target: Path) -> dict[str, 
     spec = dataclasses.replace(
         spec,
         filter=dataclasses.replace(spec.filter, threshold=threshold),
-        output=dataclasses.replace(spec.output, path=str(target)),
+        output=dataclasses.replace(spec.output, path=target.uri),
     )
-    work = OutputLayout(target.with_name(f".{target.name}.partial"))
-    shutil.rmtree(work.root, ignore_errors=True)
-    work.root.mkdir(parents=True)
-    _link_files(source.layout.downloads, work.downloads)
+    # Locally: built aside and renamed at the end. On an object store: in place, manifest last.
+    work = OutputLayout(target.with_name(f".{target.name}.partial") if target.local else target)
+    work.root.rmtree()
+    work.root.mkdir()
+    work.downloads.mkdir()
+    for path in source.layout.downloads.files():
+        path.link_to(work.downloads / path.name)
     if source.layout.prepared_input.exists():
-        _link(source.layout.prepared_input, work.prepared_input)
+        source.layout.prepared_input.link_to(work.prepared_input)
 
     writer = ShardWriter(work, threshold, spec.fingerprint())
     # Writing a shard is Python-bound (a record per row), so shards go to worker processes.
@@ -67,32 +73,25 @@ def rethreshold(source: JobOutput, threshold: float, target: Path) -> dict[str, 
         reports = dict(zip(names, pool.map(_rewrite, jobs), strict=True))
     manifest = build_manifest(spec, source.input_rows, names, reports, {})
     manifest["rethresholded_from"] = {
-        "path": str(source.layout.root.resolve()),
+        "path": source.layout.root.resolve().uri,
         "threshold": source.threshold,
     }
     check_accounting(manifest)
     write_json_atomically(work.manifest, manifest)
-    if target.exists():
-        target.rmdir()  # empty, checked above
-    work.root.rename(target)
+    if target.local:
+        if target.exists():
+            os.rmdir(target)  # empty, checked above
+        work.root.rename(target)
     return manifest
+
+
+def _interrupted_here(target: Location) -> bool:
+    """An object-store NEW that an interrupted rethreshold left: capfilt's names only, no manifest
+    (built in place there, so this is what the hidden partial directory is locally)."""
+    names = {p.name for p in target.iterdir()}
+    return not target.local and names <= {"downloads", "shards", "_input.parquet"}
 
 
 def _rewrite(job: tuple[ShardWriter, OutputLayout, str]) -> dict[str, Any]:
     writer, source, name = job
-    return writer.write(name, scores_from_records(pq.read_table(source.shard_parquet(name)).to_pylist()))
-
-
-def _link_files(source: Path, target: Path) -> None:
-    target.mkdir()
-    if source.is_dir():
-        for path in source.iterdir():
-            if path.is_file():
-                _link(path, target / path.name)
-
-
-def _link(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # another file system, or links not allowed there
-        shutil.copy2(source, target)
+    return writer.write(name, scores_from_records(read_parquet(source.shard_parquet(name)).to_pylist()))

@@ -24,12 +24,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
-import shutil
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -39,9 +36,10 @@ import pyarrow.parquet as pq
 from pipeline.config import InputSpec, JobSpec, OutputSpec
 from pipeline.fates import Fate, add_counts, count_fates
 from pipeline.job_output import JobOutput, OutputError
-from pipeline.layout import OutputLayout, temporary_name, write_json_atomically
+from pipeline.layout import OutputLayout, write_json_atomically
 from pipeline.manifest import build_manifest, check_accounting
 from pipeline.shard_writer import Scores, ShardWriter, scores_from_records
+from pipeline.storage import Location, read_parquet
 from pipeline.tars import read_jpegs
 
 if TYPE_CHECKING:
@@ -71,7 +69,7 @@ def retry_failed(output: JobOutput, address: str | None = None, log: Log = print
     shards = output.require_complete("retry its failed downloads")
     spec = output.spec
     work = output.layout.root / RETRY_DIR
-    shutil.rmtree(work, ignore_errors=True)
+    work.rmtree()
     work.mkdir()
     plan = _write_failed_list(output, shards, work / "urls.parquet")
     retried = sum(n for _, n in plan)
@@ -90,9 +88,9 @@ def retry_failed(output: JobOutput, address: str | None = None, log: Log = print
             writer.write(shard, stored | {key: r.scores for key, r in rows.items() if r.scores})
             now = output.read_shard(shard).select(["key", "status"]).to_pylist()
             fates = add_counts(fates, count_fates(r["status"] for r in now if r["key"] in rows))
-    shutil.rmtree(work, ignore_errors=True)
-    reports = {n: output.layout.finished_report(n, spec.fingerprint()) for n in shards}
-    manifest = build_manifest(spec, output.input_rows, shards, {n: r for n, r in reports.items() if r}, {})
+    work.rmtree()
+    reports = output.layout.finished_reports(shards, spec.fingerprint())
+    manifest = build_manifest(spec, output.input_rows, shards, reports, {})
     write_json_atomically(output.layout.manifest, manifest)
     check_accounting(manifest)
     return RetryResult(manifest, retried, fates)
@@ -104,12 +102,12 @@ def _failed_rows(output: JobOutput, shard: str) -> list[dict[str, Any]]:
     return table.filter(pc.equal(table["status"], Fate.DOWNLOAD_FAILED.value)).to_pylist()
 
 
-def _write_failed_list(output: JobOutput, shards: list[str], path: Path) -> list[tuple[str, int]]:
+def _write_failed_list(output: JobOutput, shards: list[str], path: Location) -> list[tuple[str, int]]:
     """Write every shard's failed rows, in shard and key order, as the retry job's URL list; return
     (shard, failed rows) for the shards that have any."""
     plan = []
     schema = pa.schema([("url", pa.string()), ("caption", pa.string())])
-    with pq.ParquetWriter(path, schema) as sink:
+    with path.writing() as stream, pq.ParquetWriter(stream, schema) as sink:
         for shard in shards:
             failed = _failed_rows(output, shard)
             if failed:
@@ -118,15 +116,17 @@ def _write_failed_list(output: JobOutput, shards: list[str], path: Path) -> list
     return plan
 
 
-def _run_retry_job(output: JobOutput, spec: JobSpec, work: Path, address: str | None, log: Log) -> JobResult:
+def _run_retry_job(
+    output: JobOutput, spec: JobSpec, work: Location, address: str | None, log: Log
+) -> JobResult:
     from pipeline.runner import run_job
 
     retry_spec = dataclasses.replace(
         spec,
         input=InputSpec(
-            url_list=str(work / "urls.parquet"), input_format="parquet", url_col="url", caption_col="caption"
+            url_list=(work / "urls.parquet").uri, input_format="parquet", url_col="url", caption_col="caption"
         ),
-        output=OutputSpec(path=str(work / "output"), shard_size=spec.output.shard_size),
+        output=OutputSpec(path=(work / "output").uri, shard_size=spec.output.shard_size),
     )
     result = run_job(retry_spec, address=address, log=log)
     if not result.complete:
@@ -173,20 +173,26 @@ class _RetryJob:
 
     def _load(self, number: int) -> _RetryShard:
         name = self.names[number]
-        records = sorted(pq.read_table(self.layout.shard_parquet(name)).to_pylist(), key=lambda r: r["key"])
-        raw = {r["key"]: r for r in pq.read_table(self.layout.raw_parquet(name)).to_pylist()}
+        records = sorted(read_parquet(self.layout.shard_parquet(name)).to_pylist(), key=lambda r: r["key"])
+        raw = {r["key"]: r for r in read_parquet(self.layout.raw_parquet(name)).to_pylist()}
         self._shard = _RetryShard(number, records, raw, read_jpegs(self.layout.raw_tar(name)))
         return self._shard
 
 
 def _patch_raw_shard(layout: OutputLayout, shard: str, results: dict[str, RetriedRow]) -> None:
-    """Replace the retried rows of raw shard `shard` (Parquet rows and tar members) by their retry."""
-    parquet = layout.raw_parquet(shard)
-    table = pq.read_table(parquet)
-    rows = [results[r["key"]].raw if r["key"] in results else r for r in table.to_pylist()]
-    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), temporary_name(parquet))
+    """Replace the retried rows of raw shard `shard` (Parquet rows and tar members) by their retry.
+
+    The tar goes first: until the Parquet follows, the tar holds images the Parquet does not name
+    yet, which nothing reads; never the other way round (a downloaded row without its image). Each
+    file is written whole; on an object store, where two files cannot be swapped at once, this order
+    is what keeps an interrupted patch readable, and running retry-failed again redoes it."""
     tar = layout.raw_tar(shard)
-    with tarfile.open(tar) as old, tarfile.open(temporary_name(tar), "w") as new:
+    with (
+        tar.open("rb") as source,
+        tarfile.open(fileobj=source) as old,
+        tar.writing() as sink,
+        tarfile.open(fileobj=sink, mode="w") as new,
+    ):
         for member in old:
             if member.name.partition(".")[0] not in results:
                 new.addfile(member, old.extractfile(member))
@@ -194,8 +200,11 @@ def _patch_raw_shard(layout: OutputLayout, shard: str, results: dict[str, Retrie
             if retried.image is not None:
                 _add(new, f"{key}.jpg", retried.image)
                 _add(new, f"{key}.json", json.dumps(retried.raw, default=str).encode())
-    os.replace(temporary_name(parquet), parquet)
-    os.replace(temporary_name(tar), tar)
+    parquet = layout.raw_parquet(shard)
+    table = read_parquet(parquet)
+    rows = [results[r["key"]].raw if r["key"] in results else r for r in table.to_pylist()]
+    with parquet.writing() as stream:
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), stream)
 
 
 def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:

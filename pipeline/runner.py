@@ -16,7 +16,6 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipeline.capfilt_stage import CapFiltStage
@@ -55,16 +54,16 @@ def run_job(
     """Run (or resume) a job to the end and write its manifest. (`stage_type` is the seam where the
     fault tests put a stage that fails on purpose.)"""
     spec = spec.with_absolute_paths()
-    layout = OutputLayout(Path(spec.output.path))
+    layout = OutputLayout(spec.output.path)
     check_columns(spec.input)
-    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.root.mkdir()
     fingerprint = spec.fingerprint()
     with ray_session(address):
         rows = prepare(spec.input, spec.download.allow_private_networks, layout.prepared_input,
                        spec.download_fingerprint(), downloaded=bool(layout.downloaded_shards()))  # fmt: skip
         names = [f"{i:05d}" for i in range(math.ceil(rows / spec.output.shard_size))]
         # Written now, so that `capfilt inspect` can follow a job that is running or died half way.
-        reports = {n: r for n in names if (r := layout.finished_report(n, fingerprint)) is not None}
+        reports = layout.finished_reports(names, fingerprint)
         write_json_atomically(layout.manifest, build_manifest(spec, rows, names, reports, {}))
         if rows:
             DownloadStage(spec, layout).run(distributor="ray")

@@ -3,15 +3,14 @@
 Here every input row gets its one fate (from the policy verdict, img2dataset's status, the decode
 result, or the keep rule), so this is the one place rows can be lost, and it refuses to be:
 a downloaded row without scores is an error, not a silent drop. The tar (kept samples only) and
-the Parquet (every row) are written under temporary names and renamed; the report, the
-completion marker, goes last.
+the Parquet (every row) are written whole (`Location.writing`: renamed into place on POSIX, one
+object on an object store); the report, the completion marker, goes last.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,9 +25,10 @@ from pipeline.chunks import Chunk
 from pipeline.decide import candidates, decide
 from pipeline.download import DOWNLOADED, OPT_OUT_ERROR, UNDECODABLE
 from pipeline.fates import Fate, count_fates
-from pipeline.layout import OutputLayout, temporary_name, write_json_atomically
+from pipeline.layout import OutputLayout, write_json_atomically
 from pipeline.records import SHARD_SCHEMA
 from pipeline.resources import Resources
+from pipeline.storage import read_parquet
 from pipeline.tars import read_jpegs
 from pipeline.url_list import CAPTION, ERROR, FATE, URL
 
@@ -93,14 +93,13 @@ class ShardWriter:
         # A rewrite in place (retry-failed) first takes the old marker away: interrupted, the shard
         # is unfinished, not "done" with the old counts over new files.
         self.layout.shard_report(shard).unlink(missing_ok=True)
-        raw = pq.read_table(self.layout.raw_parquet(shard)).to_pylist()
+        raw = read_parquet(self.layout.raw_parquet(shard)).to_pylist()
         records = sorted((self.record(row, scores.get(row["key"])) for row in raw), key=lambda r: r["key"])
         kept = {r["key"]: r for r in records if r["status"] == Fate.KEPT}
-        self.layout.shards.mkdir(parents=True, exist_ok=True)
+        self.layout.shards.mkdir()
         self._write_tar(shard, kept)
-        parquet = self.layout.shard_parquet(shard)
-        pq.write_table(pa.Table.from_pylist(records, schema=SHARD_SCHEMA), temporary_name(parquet))
-        os.replace(temporary_name(parquet), parquet)
+        with self.layout.shard_parquet(shard).writing() as stream:
+            pq.write_table(pa.Table.from_pylist(records, schema=SHARD_SCHEMA), stream)
         report = {
             "shard": shard,
             "fingerprint": self.fingerprint,
@@ -160,10 +159,9 @@ class ShardWriter:
 
     def _write_tar(self, shard: str, kept: Mapping[str, Record]) -> None:
         """KEY.jpg (the downloaded bytes, untouched), KEY.json (the full record), KEY.txt (selected)."""
-        path = self.layout.shard_tar(shard)
         images = read_jpegs(self.layout.raw_tar(shard), kept)
-        with open(temporary_name(path), "wb") as stream, wds.TarWriter(stream, mtime=_TAR_MTIME) as sink:
+        target = self.layout.shard_tar(shard)
+        with target.writing() as stream, wds.TarWriter(stream, mtime=_TAR_MTIME) as sink:
             for key, record in kept.items():
                 sink.write({"__key__": key, "jpg": images[key], "json": json.dumps(record).encode(),
                             "txt": record["selected_caption"].encode()})  # fmt: skip
-        os.replace(temporary_name(path), path)

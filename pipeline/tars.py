@@ -6,18 +6,22 @@ reading stops at the last wanted image.
 
 from __future__ import annotations
 
+import os
 import tarfile
 from collections.abc import Collection
-from pathlib import Path
+
+from pipeline.storage import Location
 
 
-def read_jpegs(path: Path, keys: Collection[str] | None = None) -> dict[str, bytes]:
+def read_jpegs(
+    path: Location | str | os.PathLike[str], keys: Collection[str] | None = None
+) -> dict[str, bytes]:
     """KEY.jpg bytes by KEY, for every sample or only `keys` (those found)."""
     wanted = None if keys is None else set(keys)
     found: dict[str, bytes] = {}
     if wanted is not None and not wanted:
         return found
-    with tarfile.open(path) as archive:
+    with Location.of(path).open("rb") as stream, tarfile.open(fileobj=stream) as archive:
         for member in archive:
             key, _, ext = member.name.partition(".")
             if ext != "jpg" or (wanted is not None and key not in wanted):

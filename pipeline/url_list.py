@@ -9,8 +9,9 @@ the download as a row of its shard and ends with its own fate.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -18,7 +19,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipeline.config import InputSpec, SpecError
-from pipeline.layout import temporary_name
+from pipeline.storage import Location, parquet_file
 from pipeline.urlpolicy import check_urls
 
 URL = "capfilt_url"
@@ -54,7 +55,7 @@ def check_columns(spec: InputSpec) -> None:
 
 
 def prepare(
-    spec: InputSpec, allow_private_networks: bool, out: Path, fingerprint: str, downloaded: bool
+    spec: InputSpec, allow_private_networks: bool, out: Location, fingerprint: str, downloaded: bool
 ) -> int:
     """Write img2dataset's input list to `out`; return the number of input rows.
 
@@ -65,7 +66,7 @@ def prepare(
     """
     identity = f"{fingerprint}:{_source_identity(spec)}".encode()
     if out.exists():
-        existing = pq.ParquetFile(out)
+        existing = parquet_file(out)
         if (existing.schema_arrow.metadata or {}).get(FINGERPRINT_KEY) == identity:
             return existing.metadata.num_rows
         if downloaded:
@@ -74,9 +75,8 @@ def prepare(
                 "download settings; use a new output.path (or delete its downloads/ and _input.parquet)"
             )
     schema = PREPARED_SCHEMA.with_metadata({FINGERPRINT_KEY: identity})
-    tmp = temporary_name(out)
     rows = 0
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with out.writing() as stream, pq.ParquetWriter(stream, schema) as writer:
         for batch in read_batches(spec):
             urls = batch.column("url").to_pylist()
             verdicts = check_urls(urls, allow_private_networks)
@@ -96,46 +96,59 @@ def prepare(
                 )
             )
             rows += batch.num_rows
-    tmp.replace(out)
     return rows
 
 
 def _source_identity(spec: InputSpec) -> str:
-    """Size and modification time of the (local) URL list: an edited list is a different input."""
-    stat = Path(spec.url_list).stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+    """Size and version (local: mtime; object store: ETag) of the URL list: an edited list is a
+    different input."""
+    return Location.of(spec.url_list).identity()
 
 
 def _raw_batches(spec: InputSpec, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    path = spec.url_list
+    source = Location.of(spec.url_list)
     try:
         if spec.input_format == "parquet":
-            yield from pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=columns)
-        elif spec.input_format in ("csv", "tsv"):
-            reader = pa_csv.open_csv(
-                path,
-                parse_options=_csv_options(spec),
-                convert_options=pa_csv.ConvertOptions(
-                    include_columns=columns, column_types=dict.fromkeys(columns, pa.string())
-                ),
-            )
-            yield from reader
-        else:
-            yield from pa_json.read_json(path).select(columns).to_batches(_BATCH_ROWS)
+            yield from parquet_file(source).iter_batches(batch_size=_BATCH_ROWS, columns=columns)
+            return
+        with _readable(source) as stream:
+            if spec.input_format in ("csv", "tsv"):
+                reader = pa_csv.open_csv(
+                    stream,
+                    parse_options=_csv_options(spec),
+                    convert_options=pa_csv.ConvertOptions(
+                        include_columns=columns, column_types=dict.fromkeys(columns, pa.string())
+                    ),
+                )
+                yield from reader
+            else:
+                yield from pa_json.read_json(stream).select(columns).to_batches(_BATCH_ROWS)
     except (pa.ArrowInvalid, OSError, KeyError) as err:
         raise _unreadable(spec, err) from None
 
 
 def _column_names(spec: InputSpec) -> list[str]:
-    path = spec.url_list
+    source = Location.of(spec.url_list)
     try:
         if spec.input_format == "parquet":
-            return pq.read_schema(path).names
-        if spec.input_format in ("csv", "tsv"):
-            return pa_csv.open_csv(path, parse_options=_csv_options(spec)).schema.names
-        return pa_json.read_json(path).schema.names
+            return parquet_file(source).schema_arrow.names
+        with _readable(source) as stream:
+            if spec.input_format in ("csv", "tsv"):
+                return pa_csv.open_csv(stream, parse_options=_csv_options(spec)).schema.names
+            return pa_json.read_json(stream).schema.names
     except (pa.ArrowInvalid, OSError) as err:
         raise _unreadable(spec, err) from None
+
+
+@contextlib.contextmanager
+def _readable(source: Location) -> Iterator[Any]:
+    """What pyarrow's CSV/JSON readers get: the path locally (they infer compression from the name,
+    as before), else an fsspec stream that decompresses by the name the same way."""
+    if source.local:
+        yield source.path
+        return
+    with source.fs.open(source.path, "rb", compression="infer") as stream:
+        yield stream
 
 
 def _csv_options(spec: InputSpec) -> pa_csv.ParseOptions:

@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # botocore must never look for an instance role here
 
 from collections import Counter
 from collections.abc import Iterator
@@ -42,12 +43,25 @@ def web() -> Iterator[tuple[StaticSite, list[SamplePair]]]:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 on 127.0.0.1, in the environment (AWS_ENDPOINT_URL and dummy credentials)."""
+    from tests.s3 import s3_server
+
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint) -> Iterator[None]:
+    """One local Ray; started after the S3 endpoint is in the environment, so its workers have it."""
     import ray
 
     from pipeline.runner import WORKER_ENV
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    # "local": a Ray of its own, even while a test's `ray start` or multi-node cluster is the one a
+    # plain ray.init() would join.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV},
+             log_to_driver=False)  # fmt: skip
     yield
     ray.shutdown()
 

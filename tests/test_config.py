@@ -18,6 +18,7 @@ import yaml
 
 from pipeline import __version__
 from pipeline.config import CaptionerSpec, DownloadSpec, JobSpec, SpecError, load_spec, spec_from_dict
+from tests.s3 import new_bucket
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = sorted(ROOT.glob("jobs/*.yaml"))
@@ -399,6 +400,11 @@ def test_paths_become_absolute_for_workers_and_hub_names_stay_names(tmp_path, mo
     assert spec.output.path == str(tmp_path / "out")
 
 
-def test_a_url_list_must_be_a_local_file(tmp_path):
-    with pytest.raises(SpecError, match=r"^input\.url_list: no such file: s3://bucket/urls\.parquet"):
-        spec_from_dict({"input": {"url_list": "s3://bucket/urls.parquet"}, "output": {"path": "out"}})
+def test_a_url_list_must_exist_on_disk_or_in_its_store(tmp_path, s3_endpoint):
+    with pytest.raises(
+        SpecError, match=r"^input\.url_list: no such file: .*nothing\.parquet \(a local path or"
+    ):
+        spec_from_dict({"input": {"url_list": str(tmp_path / "nothing.parquet")}, "output": {"path": "out"}})
+    bucket = new_bucket()  # moto's S3 on 127.0.0.1
+    with pytest.raises(SpecError, match=rf"^input\.url_list: no such file: s3://{bucket}/urls\.parquet"):
+        spec_from_dict({"input": {"url_list": f"s3://{bucket}/urls.parquet"}, "output": {"path": "out"}})

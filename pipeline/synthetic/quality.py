@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from pipeline.storage import read_parquet
 from pipeline.synthetic.bootstrap import Budget, Recall, pretrain, retrieval
 from pipeline.synthetic.pixels import stored_pixels
 from pipeline.synthetic.splits import CORRECT, CORRUPTIONS, KINDS, Pair, eval_split, web_split
@@ -52,7 +52,7 @@ def run_quality(seed: int = 0, rows: int = 1000, eval_rows: int = 300, out: Path
         started = time.monotonic()
         result = run_web_job(work, pairs, models, address=address, log=log)
         pipeline_s = time.monotonic() - started
-        table = [row for path in result.layout.shard_parquets() for row in pq.read_table(path).to_pylist()]
+        table = [row for path in result.layout.shard_parquets() for row in read_parquet(path).to_pylist()]
     threshold = float(result.manifest["spec"]["filter"]["threshold"])
     outcomes = _outcomes(pairs, table)
     log("pretraining the dual encoder on raw and on CapFilt captions ...")
