@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def job_env() -> dict[str, str]:
 
 
 class RayHead:
-    """`ray start --head` with the dashboard (Jobs API) on 127.0.0.1; `stop()` runs `ray stop`."""
+    """`ray start --head --block` with the dashboard (Jobs API) on 127.0.0.1, until `stop()`."""
 
     def __init__(self, num_cpus: int = 2) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="cfray-", dir="/tmp")  # short: Unix socket paths
@@ -70,7 +71,11 @@ class RayHead:
                    "--dashboard-host", LOOPBACK, "--include-dashboard", "true", "--num-cpus", str(num_cpus),
                    "--num-gpus", "0", "--temp-dir", self.temp_dir, "--disable-usage-stats",
                    *[str(x) for kv in ports.items() for x in kv]]  # fmt: skip
-        subprocess.run(command, env=job_env(), check=True, capture_output=True, timeout=180)
+        # --block, in a session of its own: stopping is then a signal to this process group, never
+        # `ray stop`, which kills every Ray process on the machine (the test session's own Ray too).
+        self.log = Path(self.temp_dir) / "ray-start.log"
+        self.process = subprocess.Popen([*command, "--block"], env=job_env(), start_new_session=True,
+                                        stdout=self.log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
         self._wait_for_jobs_api()
 
     def _wait_for_jobs_api(self, timeout: float = 120) -> None:
@@ -78,6 +83,7 @@ class RayHead:
 
         deadline = time.monotonic() + timeout
         while True:
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
             try:
                 with jobs_client(self.jobs_api) as client:
                     client.list_jobs()
@@ -88,10 +94,27 @@ class RayHead:
                 time.sleep(1)
 
     def stop(self) -> None:
-        env = {**job_env(), "RAY_ADDRESS": f"{LOOPBACK}:{self.gcs_port}"}
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env,
-                       capture_output=True, timeout=120)  # fmt: skip
+        """SIGTERM to the head's process group (GCS, raylet, dashboard, workers, job drivers), then
+        SIGKILL to whatever is left of it."""
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace
+            while _group_alive(self.process.pid) and time.monotonic() < deadline:
+                self.process.poll()
+                time.sleep(0.2)
+        self.process.wait(timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 @contextlib.contextmanager
