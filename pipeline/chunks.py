@@ -8,7 +8,6 @@ same however Ray schedules the work, and a shard is complete when all its chunks
 from __future__ import annotations
 
 import math
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from pipeline.download import DOWNLOADED
 from pipeline.layout import OutputLayout
 from pipeline.storage import read_parquet
+from pipeline.tars import read_jpegs
 from pipeline.url_list import CAPTION
 
 Chunk = dict[str, Any]
@@ -57,12 +57,7 @@ class ChunkReader:
 
 
 def _jpegs(layout: OutputLayout, shard: str, keys: set[str]) -> dict[str, bytes]:
-    found = {}
-    with layout.raw_tar(shard).open("rb") as stream, tarfile.open(fileobj=stream) as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if ext == "jpg" and key in keys:
-                found[key] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    found = read_jpegs(layout.raw_tar(shard), keys)
     missing = keys - found.keys()
     if missing:
         raise ValueError(f"{layout.raw_tar(shard)}: no image for downloaded keys {sorted(missing)[:5]}")

@@ -1,4 +1,5 @@
-"""Images out of a WebDataset tar, by sample key: the writer, retry-failed and the HTML report.
+"""Images out of a WebDataset tar, by sample key: the chunk reader, the writer, retry-failed and the
+HTML report.
 
 A tar has no index, so finding a member means reading the headers before it; with `keys` given,
 reading stops at the last wanted image.
