@@ -182,7 +182,7 @@ def _write_shard(writer: ShardWriter, shard: str, chunks: list[Chunk]) -> dict[s
 class _StageActor:
     """Ray Data's callable-class protocol around a plain stage: models load once per actor.
 
-    A chunk the stage raises on is split and retried (`chunk_retry`); each result says which actor,
+    A chunk the stage raises on is split or retried (`chunk_retry`); each result says which actor,
     node and device scored it, for the manifest's record of where the work ran.
     """
 
