@@ -79,7 +79,10 @@ class OutputLayout:
         found = {}
         for shard in shards:
             if {f"{shard}.done.json", f"{shard}.tar", f"{shard}.parquet"} <= present:
-                report = self.shard_report(shard).read_json()
+                try:
+                    report = self.shard_report(shard).read_json()
+                except OSError:  # rewritten or removed since the listing (retry-failed does that)
+                    continue
                 if report.get("fingerprint") == fingerprint:
                     found[shard] = report
         return found

@@ -13,8 +13,10 @@ On a local or shared filesystem NEW is built in a hidden sibling directory and r
 when complete, so an interrupted rethreshold leaves no half-written NEW behind and can simply be run
 again. An object store has no atomic rename of a prefix, so there NEW is built in place, the raw
 files are server-side copies (`fs.copy`) instead of hard links, and its `manifest.json` is written
-last: a NEW without a manifest is not an output (`capfilt inspect` and the loader's readers refuse
-it), and rethreshold into it again starts over.
+last: a NEW without a manifest is not an output (`capfilt inspect` refuses it; the loader, given
+the prefix, does not check), and rethreshold into it again starts over, which it does only where its
+own in-progress marker (`.capfilt-rethreshold`, written first) says the prefix is its own. A bucket
+itself is refused as NEW.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from pipeline.manifest import build_manifest, check_accounting
 from pipeline.shard_writer import ShardWriter, scores_from_records
 from pipeline.storage import Location, read_parquet
 
+# On an object store: written first into NEW, removed after its manifest. It names the source.
+IN_PROGRESS = ".capfilt-rethreshold"
+
 
 def rethreshold(source: JobOutput, threshold: float, target: str | Path | Location) -> dict[str, Any]:
     """Write the output for `threshold` into `target` (a new directory or prefix, a local path or an
@@ -42,6 +47,8 @@ def rethreshold(source: JobOutput, threshold: float, target: str | Path | Locati
     target = Location.of(target).resolve()
     if target == source.layout.root.resolve():
         raise OutputError(f"--out {target}: must be a new directory; the job's output stays as it is")
+    if target.is_bucket:
+        raise OutputError(f"--out {target}: name a prefix inside the bucket (e.g. {target.uri}/new)")
     if any(target.iterdir()) and not _interrupted_here(target):
         raise OutputError(f"--out {target}: not empty; rethreshold writes a new output directory")
     if names and not source.layout.downloads.is_dir():
@@ -59,6 +66,8 @@ def rethreshold(source: JobOutput, threshold: float, target: str | Path | Locati
     work = OutputLayout(target.with_name(f".{target.name}.partial") if target.local else target)
     work.root.rmtree()
     work.root.mkdir()
+    if not target.local:  # first, so that only a prefix this wrote is ever started over
+        (work.root / IN_PROGRESS).write_text(source.layout.root.resolve().uri)
     work.downloads.mkdir()
     for path in source.layout.downloads.files():
         path.link_to(work.downloads / path.name)
@@ -82,14 +91,21 @@ def rethreshold(source: JobOutput, threshold: float, target: str | Path | Locati
         if target.exists():
             os.rmdir(target)  # empty, checked above
         work.root.rename(target)
+    else:
+        (work.root / IN_PROGRESS).unlink(missing_ok=True)
     return manifest
 
 
 def _interrupted_here(target: Location) -> bool:
-    """An object-store NEW that an interrupted rethreshold left: capfilt's names only, no manifest
-    (built in place there, so this is what the hidden partial directory is locally)."""
+    """An object-store NEW that an interrupted rethreshold left: its in-progress marker and capfilt's
+    names, no manifest (built in place there, so this is what the hidden partial directory is
+    locally). Without the marker a prefix is someone's data, and is never deleted."""
     names = {p.name for p in target.iterdir()}
-    return not target.local and names <= {"downloads", "shards", "_input.parquet"}
+    return (
+        not target.local
+        and IN_PROGRESS in names
+        and names <= {IN_PROGRESS, "downloads", "shards", "_input.parquet"}
+    )
 
 
 def _rewrite(job: tuple[ShardWriter, OutputLayout, str]) -> dict[str, Any]:

@@ -141,10 +141,7 @@ def _capfilt(spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=stage.resources.cpus,
                 num_gpus=stage.resources.gpus,
-                # On as many nodes as have room, so one lost node costs few actors (Ray Data's default
-                # today; named because the fault tolerance counts on it).
-                scheduling_strategy="SPREAD",
-            )
+            )  # Ray Data places the actors with SPREAD: one lost node costs few of them (tested)
         )
         # By chunk number: should Ray ever deliver a retried chunk twice, it counts once.
         arrived: dict[str, dict[int, Chunk]] = defaultdict(dict)

@@ -22,6 +22,7 @@ they took a `pathlib.Path`; on an object store it refuses to be one (use `open`)
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -71,6 +72,11 @@ class Location:
     def uri(self) -> str:
         """What other fsspec users (img2dataset, the loader) are given: a path locally, else a URI."""
         return self.path if self.local else self.fs.unstrip_protocol(self.path)
+
+    @property
+    def is_bucket(self) -> bool:
+        """An object store's bucket (container) itself, not a prefix inside it."""
+        return not self.local and "/" not in self.path.strip("/")
 
     def __str__(self) -> str:
         return self.shown
@@ -147,10 +153,10 @@ class Location:
         return Location(self.fs, real, real)
 
     def glob(self, pattern: str) -> list[Location]:
-        """The files in this directory whose names match `pattern` (one level, no `**`), sorted."""
-        self._fresh()
-        found = self.fs.glob(f"{self.path.rstrip('/')}/{pattern}")
-        return sorted(self / p.rstrip("/").rpartition("/")[2] for p in found)
+        """The files in this directory whose names match `pattern` (one level, no `**`), sorted.
+        Matched on the names of one listing: the directory's own path is never read as a pattern
+        (a `[` in it matches nothing in fsspec's glob, as pathlib's never did)."""
+        return [p for p in self.files() if fnmatch.fnmatchcase(p.name, pattern)]
 
     def open(self, mode: str = "rb") -> IO[Any]:
         if self.local:
@@ -227,7 +233,10 @@ class Location:
                 raise
 
     def rmtree(self) -> None:
-        """This directory (prefix) and everything under it; nothing when it does not exist."""
+        """This directory (prefix) and everything under it; nothing when it does not exist. Never a
+        whole bucket: s3fs would delete the bucket itself."""
+        if not self.local and self.is_bucket:
+            raise ValueError(f"{self.uri}: will not delete a whole bucket")
         if self.local:
             shutil.rmtree(self.path, ignore_errors=True)
         elif self.exists():

@@ -38,10 +38,18 @@ def s3_server() -> Iterator[str]:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
+    # Anything that could point botocore elsewhere goes: service-specific endpoints, a flag that
+    # ignores AWS_ENDPOINT_URL, a profile, a session token.
+    elsewhere = [
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+    ]
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL", *elsewhere]}
     os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
-    os.environ.pop("AWS_PROFILE", None)
-    os.environ.pop("AWS_SESSION_TOKEN", None)
+    for key in elsewhere:
+        os.environ.pop(key, None)
     fsspec.get_filesystem_class("s3").clear_instance_cache()  # one made before has no endpoint
     try:
         yield endpoint

@@ -20,6 +20,7 @@ from pipeline.cli import main
 from pipeline.config import SpecError, spec_from_dict
 from pipeline.fates import Fate
 from pipeline.job_output import JobOutput, OutputError
+from pipeline.layout import OutputLayout
 from pipeline.loader import CapFiltDataset
 from pipeline.rethreshold import rethreshold
 from pipeline.retry import RETRY_DIR
@@ -258,3 +259,28 @@ def test_a_failed_write_leaves_nothing_and_a_finished_one_the_whole_file(where, 
     assert copy.read_bytes() == b"whole"
     if where == "local":
         assert Path(copy).stat().st_ino == Path(target).stat().st_ino  # a hard link
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_bracket_in_the_directory_is_a_name_not_a_pattern(where, tmp_path):
+    base = str(tmp_path) if where == "local" else f"s3://{new_bucket()}"
+    layout = OutputLayout(f"{base}/run[1]")
+    layout.downloads.mkdir()
+    for name in ("00000_stats.json", "00001_stats.json", "00000.tar"):
+        (layout.downloads / name).write_text("{}")
+    assert layout.downloaded_shards() == ["00000", "00001"]
+    assert [p.name for p in layout.downloads.glob("*.tar")] == ["00000.tar"]
+
+
+def test_rethreshold_never_deletes_a_bucket_or_a_prefix_it_did_not_write(jobs):
+    remote = jobs[0]
+    source = JobOutput.open(remote.output.path)
+    bucket = new_bucket()
+    with pytest.raises(OutputError, match="name a prefix inside the bucket"):
+        rethreshold(source, 0.4, f"s3://{bucket}")
+    assert s3().exists(bucket)
+    foreign = Location.of(f"s3://{bucket}/data/shards/someone-elses.tar")
+    foreign.write_bytes(b"not capfilt's")
+    with pytest.raises(OutputError, match="not empty"):
+        rethreshold(source, 0.4, f"s3://{bucket}/data")  # capfilt's names, but not its marker
+    assert foreign.read_bytes() == b"not capfilt's"
