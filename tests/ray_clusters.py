@@ -22,6 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from pipeline.layout import OutputLayout
+from tests.conftest import make_spec
+
 LOOPBACK = "127.0.0.1"
 # Nodes are declared dead after ~2 s of missed health checks instead of Ray's default ~30 s.
 FAST_NODE_DEATH = {
@@ -144,3 +149,21 @@ def multi_node_cluster(workers: list[dict[str, Any]], head: dict[str, Any]) -> I
             record.unlink(missing_ok=True)
         else:
             record.write_text(saved)
+
+
+def answering_rows(web) -> list[tuple[str, str]]:
+    """The sample web's (url, caption) rows that answer at once: no job waits for a timeout."""
+    site, pairs = web
+    return [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"]
+
+
+def write_job(tmp_path: Path, rows, tiny_models, out: str, **sections: Any) -> tuple[Path, OutputLayout]:
+    """A cluster test's job as YAML, and its output layout: chunks of 2 images and shards of 8 rows,
+    so that many chunks are in flight, shards finish one after another, and when the first shard is
+    written at most one per actor is; one actor per GPU (one on a cluster without GPUs)."""
+    resources = {"actors": None, **sections.pop("resources", {})}
+    spec = make_spec(tmp_path, rows, tiny_models, out=out, captioner={"batch_size": 2},
+                     output={"shard_size": 8}, resources=resources, **sections)  # fmt: skip
+    job = tmp_path / f"{out}.yaml"
+    job.write_text(yaml.safe_dump(spec.to_dict()))
+    return job, OutputLayout(Path(spec.output.path))

@@ -24,8 +24,7 @@ import pytest
 import yaml
 
 from pipeline.layout import OutputLayout
-from tests.conftest import make_spec
-from tests.ray_clusters import job_env, multi_node_cluster
+from tests.ray_clusters import answering_rows, job_env, multi_node_cluster, write_job
 
 GPU_WORKER = {"num_cpus": 2, "num_gpus": 1}
 
@@ -38,19 +37,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def job_rows(web) -> list[tuple[str, str]]:
-    site, pairs = web
-    return [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"]  # no waits for timeouts
-
-
-def _job(tmp_path: Path, rows, tiny_models, out: str, **sections: Any) -> tuple[Path, OutputLayout]:
-    """A job as YAML, and its output layout: chunks of 2 images and shards of 8 rows, so that many
-    chunks are in flight and, when the first shard is written, at most one per actor is."""
-    spec = make_spec(tmp_path, rows, tiny_models, out=out, captioner={"batch_size": 2}, output={"shard_size": 8},
-                     resources={"actors": None, "cpus_per_actor": 1, **sections.pop("resources", {})},
-                     **sections)  # fmt: skip
-    job = tmp_path / f"{out}.yaml"
-    job.write_text(yaml.safe_dump(spec.to_dict()))
-    return job, OutputLayout(Path(spec.output.path))
+    return answering_rows(web)
 
 
 def _driver(job: Path, cluster, log: Path) -> subprocess.Popen:
@@ -88,7 +75,7 @@ def _capfilt_actors(cluster) -> dict[str, dict[str, Any]]:
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory, cluster, job_rows, tiny_models):
     tmp = tmp_path_factory.mktemp("clean")
-    job, layout = _job(tmp, job_rows, tiny_models, "clean")
+    job, layout = write_job(tmp, job_rows, tiny_models, "clean")
     return _run(job, cluster, tmp / "clean.log"), layout, _capfilt_actors(cluster)
 
 
@@ -109,7 +96,7 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_output(
     tmp_path, cluster, clean_run, job_rows, tiny_models
 ):
     _, clean, _ = clean_run
-    job, layout = _job(tmp_path, job_rows, tiny_models, "killed")
+    job, layout = write_job(tmp_path, job_rows, tiny_models, "killed")
     log = tmp_path / "killed.log"
     driver = _driver(job, cluster, log)
     done_when_killed = _wait_for_first_shard(layout, driver, log)
@@ -130,7 +117,7 @@ def test_a_lost_worker_node_mid_job_costs_no_row(tmp_path, cluster, clean_run, j
     """Last in this module: it takes a node away."""
     _, clean, _ = clean_run
     before = set(_capfilt_actors(cluster))
-    job, layout = _job(tmp_path, job_rows, tiny_models, "node-lost", resources={"gpus_per_actor": 0.5})
+    job, layout = write_job(tmp_path, job_rows, tiny_models, "node-lost", resources={"gpus_per_actor": 0.5})
     log = tmp_path / "node-lost.log"
     driver = _driver(job, cluster, log)
     done_when_lost = _wait_for_first_shard(layout, driver, log)

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from pipeline.cli import main
-from pipeline.layout import OutputLayout
-from tests.conftest import make_spec, read_records
-from tests.ray_clusters import RayHead
+from tests.conftest import read_records
+from tests.ray_clusters import RayHead, answering_rows, write_job
 
 
 @pytest.fixture(scope="module")
@@ -43,27 +41,16 @@ def _status(capsys, job_id: str, address: str) -> str:
     return capsys.readouterr().out.split(": ", 1)[1].split()[0]
 
 
-def _job(tmp_path: Path, rows, tiny_models, out: str) -> tuple[Path, OutputLayout]:
-    """The job as YAML: chunks of 2 and shards of 8 rows, so that shards finish one after another."""
-    spec = make_spec(
-        tmp_path, rows, tiny_models, out=out, captioner={"batch_size": 2}, output={"shard_size": 8}
-    )
-    job = tmp_path / f"{out}.yaml"
-    job.write_text(yaml.safe_dump(spec.to_dict()))
-    return job, OutputLayout(Path(spec.output.path))
-
-
 @pytest.fixture(scope="module")
 def job_rows(web) -> list[tuple[str, str]]:
-    site, pairs = web
-    return [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"]  # no waits for timeouts
+    return answering_rows(web)
 
 
 @pytest.fixture(scope="module")
 def clean_submission(tmp_path_factory, head, job_rows, tiny_models):
     """The job submitted and followed to its end as a user does: (job id, exit code of `logs
     --follow`, what the two commands printed, the output layout)."""
-    job, layout = _job(tmp_path_factory.mktemp("submitted"), job_rows, tiny_models, "clean")
+    job, layout = write_job(tmp_path_factory.mktemp("submitted"), job_rows, tiny_models, "clean")
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         assert main(["submit", str(job), "--address", head.jobs_api]) == 0
         job_id = printed.getvalue().strip()
@@ -90,7 +77,7 @@ def test_submit_follow_status_and_the_output_it_wrote(capsys, head, clean_submis
 def test_ray_address_works_and_a_stopped_job_resumes_to_the_clean_output(
     tmp_path, capsys, monkeypatch, head, clean_submission, job_rows, tiny_models
 ):
-    job, layout = _job(tmp_path, job_rows, tiny_models, "stopped")
+    job, layout = write_job(tmp_path, job_rows, tiny_models, "stopped")
     monkeypatch.setenv("RAY_ADDRESS", head.jobs_api)
 
     first = _submit(capsys, job)
