@@ -78,6 +78,8 @@ def join(parts: list[Chunk]) -> Chunk:
     for k, v in parts[0].items():
         if k == "error":
             joined[k] = next((p["error"] for p in parts if p["error"]), "")
+        elif isinstance(v, float):  # seconds spent: the halves' add up
+            joined[k] = sum(p[k] for p in parts)
         elif isinstance(v, np.ndarray):
             joined[k] = np.concatenate([p[k] for p in parts])
         elif isinstance(v, list):

@@ -37,6 +37,7 @@ def build_manifest(
     reports: dict[str, dict[str, Any]],
     errors: dict[str, str],
     actors: list[dict[str, Any]] | tuple[()] = (),
+    timings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     shards = []
     totals = count_fates([])
@@ -62,6 +63,8 @@ def build_manifest(
         "shards": shards,
         # Where the run that wrote this manifest scored its chunks: one entry per CapFilt actor.
         "actors": list(actors),
+        # Where that run's time went (`pipeline.timings`); empty for a manifest no run wrote.
+        "timings": timings or {},
     }
 
 

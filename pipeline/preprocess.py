@@ -8,6 +8,7 @@ CapFilt actor. The resize matches `BlipImageProcessor` (PIL, bicubic, RGB).
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,6 +34,7 @@ class PreprocessStage:
         return cls(height=size["height"], width=size["width"])
 
     def __call__(self, chunk: Chunk) -> Chunk:
+        start = time.perf_counter()
         pixels = np.zeros((len(chunk["keys"]), self.height, self.width, 3), dtype=np.uint8)
         errors = []
         for i, data in enumerate(chunk.pop("jpegs")):
@@ -41,7 +43,8 @@ class PreprocessStage:
                 errors.append("")
             except Exception as err:  # any decoder failure is this row's fate, not the job's
                 errors.append(f"decode: {type(err).__name__}: {err}")
-        return {**chunk, "pixels": pixels, "decode_errors": errors}
+        seconds = time.perf_counter() - start
+        return {**chunk, "pixels": pixels, "decode_errors": errors, "preprocess_s": seconds}
 
     def decode(self, data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pipeline.messages import one_line
 from pipeline.preprocess import PreprocessStage
 from pipeline.resources import Resources
 from pipeline.shard_writer import ShardWriter, scores_by_key
+from pipeline.timings import RunTimings
 from pipeline.url_list import check_columns, prepare
 
 Log = Callable[[str], None]
@@ -65,8 +67,10 @@ def run_job(
         # Written now, so that `capfilt inspect` can follow a job that is running or died half way.
         reports = layout.finished_reports(names, fingerprint)
         write_json_atomically(layout.manifest, build_manifest(spec, rows, names, reports, {}))
+        download_start = time.perf_counter()
         if rows:
             DownloadStage(spec, layout).run(distributor="ray")
+        download_s = time.perf_counter() - download_start
         downloaded = set(layout.downloaded_shards())
         unfinished = "download did not finish; run the job again to retry"
         errors = {n: unfinished for n in names if n not in downloaded}
@@ -78,7 +82,10 @@ def run_job(
             outcome = _capfilt(spec, layout, pending, fingerprint, log, stage_type)
             reports.update(outcome.reports)
             errors.update(outcome.errors)
-    manifest = build_manifest(spec, rows, names, reports, errors, actors=list(outcome.actors.values()))
+        outcome.timings.download_s = download_s
+        log(outcome.timings.summary())
+    manifest = build_manifest(spec, rows, names, reports, errors, actors=list(outcome.actors.values()),
+                              timings=outcome.timings.as_dict())  # fmt: skip
     write_json_atomically(layout.manifest, manifest)
     check_accounting(manifest)
     return JobResult(manifest, layout)
@@ -101,11 +108,13 @@ def ray_session(address: str | None) -> Iterator[None]:
 
 @dataclass
 class _Outcome:
-    """What a caption/filter pass did: shard reports, shard errors, and the actors that did it."""
+    """What a caption/filter pass did: shard reports, shard errors, the actors that did it, and
+    where its time went."""
 
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     actors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings: RunTimings = field(default_factory=RunTimings)
 
     def count(self, chunk: Chunk) -> None:
         placement = {k: chunk[k] for k in ("node", "node_ip", "device", "gpu_ids")}
@@ -116,6 +125,7 @@ def _capfilt(spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint
              stage_type: type[CapFiltStage]) -> _Outcome:  # fmt: skip
     import ray
 
+    start, started_at = time.perf_counter(), time.time()
     batch_size = spec.captioner.batch_size
     expected = {name: chunk_count(layout, name, batch_size) for name in shards}
     writer = ShardWriter(layout, spec.filter.threshold, fingerprint)
@@ -156,6 +166,7 @@ def _capfilt(spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint
                     log(f"capfilt: shard {name} failed: {outcome.errors[name]}")
                     arrived.pop(name, None)
                     continue
+                outcome.timings.add_chunk(chunk, chunk["ready_at"] - started_at)
                 arrived[name][chunk["chunk"]] = chunk
                 if len(arrived[name]) == expected[name]:
                     writes[name] = write.remote(writer, name, list(arrived.pop(name).values()))
@@ -166,14 +177,19 @@ def _capfilt(spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint
             outcome.errors.update(dict.fromkeys(unfinished, reason))
     for name, ref in writes.items():
         try:
-            outcome.reports[name] = ray.get(ref)
+            outcome.reports[name], seconds = ray.get(ref)
+            outcome.timings.busy_s["write"] += seconds
         except Exception as err:
             outcome.errors[name] = f"writing the shard failed: {one_line(err)}"
+    outcome.timings.caption_filter_s = time.perf_counter() - start
     return outcome
 
 
-def _write_shard(writer: ShardWriter, shard: str, chunks: list[Chunk]) -> dict[str, Any]:
-    return writer.write(shard, scores_by_key(chunks))
+def _write_shard(writer: ShardWriter, shard: str, chunks: list[Chunk]) -> tuple[dict[str, Any], float]:
+    """The shard's report, and the seconds writing it took."""
+    start = time.perf_counter()
+    report = writer.write(shard, scores_by_key(chunks))
+    return report, time.perf_counter() - start
 
 
 class _StageActor:
@@ -195,10 +211,12 @@ class _StageActor:
             "node_ip": ray.util.get_node_ip_address(),
             "device": stage.device,
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "ready_at": time.time(),  # models loaded: the job's one-time start cost ends here
         }
 
     def __call__(self, row: Chunk) -> Chunk:
-        return {**score_with_retry(self.stage, row, log=_print_flushed), **self.placement}
+        scored = score_with_retry(self.stage, row, log=_print_flushed)
+        return {**scored, **self.placement, "preprocess_s": row["preprocess_s"]}
 
 
 def _print_flushed(line: str) -> None:

@@ -78,6 +78,18 @@ def test_manifest_counts_add_up_to_the_input(finished_job):
     assert manifest["versions"]["transformers"]
 
 
+def test_the_manifest_says_where_the_time_went(finished_job):
+    result, _, _ = finished_job
+    timings = json.loads(result.layout.manifest.read_text())["timings"]
+    scored = [r for r in read_records(result.layout) if r["status"] in (Fate.KEPT, Fate.FILTERED)]
+    assert timings["images"] == len(scored)
+    assert 0 < timings["startup_s"] <= timings["caption_filter_s"]
+    assert timings["download_s"] > 0
+    assert all(timings["busy_s"][stage] > 0 for stage in ("preprocess", "caption", "itm", "write"))
+    # Busy seconds are measured inside the phase: one actor cannot be busier than the phase is long.
+    assert timings["busy_s"]["caption"] + timings["busy_s"]["itm"] < timings["caption_filter_s"]
+
+
 def test_downloaded_rows_carry_captions_and_scores(finished_job):
     result, _, _ = finished_job
     scored = [r for r in read_records(result.layout) if r["status"] in (Fate.KEPT, Fate.FILTERED)]

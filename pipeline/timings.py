@@ -1,0 +1,70 @@
+"""Where a run's time went: wall seconds per phase, busy seconds per stage.
+
+Each stage times its own work and the figure rides back with the chunk (`preprocess_s`, `caption_s`,
+`itm_s`) or the writer's result (`write_s`); the runner adds them up. Busy seconds are summed over
+all workers, so `images / busy` is one worker's rate, and `busy / (wall * workers)` how busy that
+stage's workers were: a CapFilt actor busy 60 % of the phase is a GPU waiting 40 % of it. The
+manifest carries these figures for the run that wrote it, and `capfilt bench perf` reads them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = ("preprocess", "caption", "itm", "write")
+
+
+@contextmanager
+def stopwatch(into: dict[str, float], name: str) -> Iterator[None]:
+    """Add the seconds the block took to `into[name]`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        into[name] = into.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class RunTimings:
+    """One run's figures. `startup_s` runs from the caption/filter phase's start to the moment the
+    first CapFilt actor had its models loaded: a cost paid once per job, not per image."""
+
+    download_s: float = 0.0
+    caption_filter_s: float = 0.0
+    startup_s: float = 0.0
+    images: int = 0
+    busy_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    def add_chunk(self, chunk: dict[str, Any], since_start: float) -> None:
+        """Count a scored chunk's images and its stages' seconds. `since_start`: seconds from the
+        phase's start to the moment its actor was ready (`time.time()` of two processes, on one
+        clock where they share a machine, NTP-close where they do not)."""
+        self.startup_s = since_start if not self.images else min(self.startup_s, since_start)
+        self.images += sum(1 for err in chunk["decode_errors"] if not err)
+        for stage in ("preprocess", "caption", "itm"):
+            self.busy_s[stage] += float(chunk[f"{stage}_s"])
+
+    def steady_images_per_s(self) -> float:
+        """Images per second once an actor was ready: the rate a long job runs at."""
+        seconds = self.caption_filter_s - self.startup_s
+        return self.images / seconds if seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "download_s": round(self.download_s, 3),
+            "caption_filter_s": round(self.caption_filter_s, 3),
+            "startup_s": round(self.startup_s, 3),
+            "images": self.images,
+            "busy_s": {k: round(v, 3) for k, v in self.busy_s.items()},
+        }
+
+    def summary(self) -> str:
+        """One log line: the phase's rate and where the busy time went."""
+        busy = ", ".join(f"{k} {v:.1f} s" for k, v in self.busy_s.items())
+        return (f"capfilt: download {self.download_s:.1f} s; caption/filter {self.images} images in "
+                f"{self.caption_filter_s:.1f} s ({self.steady_images_per_s():.0f}/s once the models were "
+                f"loaded, after {self.startup_s:.1f} s); busy: {busy}")  # fmt: skip
