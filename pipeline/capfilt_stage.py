@@ -8,7 +8,9 @@ Both models live in one actor so an image crosses the host-device boundary once.
    and every synthetic caption (the text encoder cross-attends to it), and the match probability
    is softmax(itm_logits)[1].
 It scores and does not decide: the threshold is applied by the writer, from the stored scores.
-On a machine without CUDA the same code runs on the CPU in float32.
+On a machine without CUDA the same code runs on the CPU in float32. Attention runs through
+`scaled_dot_product_attention` (`pipeline.attention`); docs/performance.md says what each of these
+choices buys.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from pipeline.chunks import Chunk
 from pipeline.config import CaptionerSpec, FilterSpec
 from pipeline.resources import Resources
+from pipeline.timings import stopwatch
 
 ITM_MAX_TOKENS = 35  # BLIP truncates text at 35 tokens for ITM; the stored caption stays whole
 NOT_SCORED = math.nan  # transport value for "not scored" (Arrow-typed, unlike None)
@@ -61,7 +64,8 @@ class CapFiltStage:
         torch.manual_seed(seed)
         pixels = torch.from_numpy(np.ascontiguousarray(chunk["pixels"][ok]))
         with torch.inference_mode():
-            captions = self.caption(pixels)
+            with stopwatch(result, "caption_s"):
+                captions = self.caption(pixels)
             texts, owners = [], []
             for j, i in enumerate(ok):
                 web = chunk["captions"][i]
@@ -73,7 +77,8 @@ class CapFiltStage:
                     texts.append(text)
                     owners.append((i, c))
             position = {i: j for j, i in enumerate(ok)}
-            scores = self.itm(pixels, texts, [position[i] for i, _ in owners])
+            with stopwatch(result, "itm_s"):
+                scores = self.itm(pixels, texts, [position[i] for i, _ in owners])
         for (i, c), score in zip(owners, scores, strict=True):
             if c is None:
                 result["caption_itm"][i] = score
@@ -93,6 +98,10 @@ class CapFiltStage:
             "synthetic_captions": [[""] * k for _ in range(n)],
             "caption_itm": [NOT_SCORED] * n,
             "synthetic_itm": [[NOT_SCORED] * k for _ in range(n)],
+            # Seconds in caption() and itm(); both end with their results on the host, so a GPU's
+            # queued work is counted where it ran.
+            "caption_s": 0.0,
+            "itm_s": 0.0,
         }
 
     def caption(self, pixels: Any) -> list[str]:
@@ -115,17 +124,22 @@ class CapFiltStage:
         return [" ".join(t.split()) for t in texts]
 
     def itm(self, pixels: Any, texts: list[str], image_index: list[int]) -> list[float]:
-        """Match probability of each text with its image; one vision pass per image."""
+        """Match probability of each text with its image; one vision pass per image. Texts are
+        batched shortest first, so a batch pads to its own longest text, not the chunk's."""
         import torch
 
         m = self.models
         image_embeds = m.itm_model.vision_model(pixel_values=m.itm_pixels(pixels))[0]
-        scores: list[float] = []
+        tokens = m.itm_tokenizer(texts, truncation=True, max_length=ITM_MAX_TOKENS).input_ids
+        order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
+        scores = [0.0] * len(texts)
         step = self.filter_spec.batch_size
-        for start in range(0, len(texts), step):
-            embeds = image_embeds[torch.tensor(image_index[start : start + step], device=m.device)]
-            logits = itm_logits(m.itm_model, m.itm_tokenizer, embeds, texts[start : start + step])
-            scores.extend(logits.float().softmax(dim=-1)[:, 1].tolist())
+        for start in range(0, len(order), step):
+            batch = order[start : start + step]
+            embeds = image_embeds[torch.tensor([image_index[i] for i in batch], device=m.device)]
+            logits = itm_logits(m.itm_model, m.itm_tokenizer, embeds, [texts[i] for i in batch])
+            for i, score in zip(batch, logits.float().softmax(dim=-1)[:, 1].tolist(), strict=True):
+                scores[i] = score
         return scores
 
 
@@ -173,10 +187,17 @@ class _Models:
         import torch
         from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
+        from pipeline.attention import use_sdpa
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         captioner = BlipForConditionalGeneration.from_pretrained(captioner_name, dtype=dtype)
         itm_model = BlipForImageTextRetrieval.from_pretrained(itm_name, dtype=dtype)
+        for model in (captioner, itm_model):
+            try:
+                use_sdpa(model)
+            except (RuntimeError, OSError) as err:  # another transformers' BLIP: right results, eager speed
+                print(f"capfilt: {type(model).__name__} keeps eager attention: {err}", flush=True)
         return cls(
             captioner.to(device).eval(),
             AutoProcessor.from_pretrained(captioner_name),
