@@ -37,13 +37,17 @@ ENV NO_ALBUMENTATIONS_UPDATE=1 \
 # node, build with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu130 instead.
 # 2.13.0 is the torch capfilt is tested with. The installed Ray and torch are then written down
 # as pip constraints, so installing capfilt can neither replace torch (with a CPU or another CUDA
-# build) nor move Ray away from the version the cluster runs.
+# build) nor move Ray away from the version the cluster runs. transformers is pinned too: the actor's
+# SDPA attention (pipeline/attention.py) is checked against that version's BLIP code, and under any
+# other version the models run with eager attention, slower (docs/performance.md).
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG TRANSFORMERS_VERSION=5.23.0
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
     && python -c "import torch; assert torch.version.cuda, 'not a CUDA build: ' + torch.__version__" \
     && python -c "import ray, torch; print(f'ray=={ray.__version__}\ntorch=={torch.__version__}')" \
-        > /home/ray/capfilt-constraints.txt
+        > /home/ray/capfilt-constraints.txt \
+    && echo "transformers==${TRANSFORMERS_VERSION}" >> /home/ray/capfilt-constraints.txt
 
 # Only what the wheel needs: the package, the README it names, and the schemas and example jobs it
 # bundles (.dockerignore keeps everything else out of the build context). The directory is made by
@@ -64,4 +68,4 @@ RUN pip install --no-cache-dir --constraint /home/ray/capfilt-constraints.txt "/
     && capfilt --version \
     && python -c "import gcsfs, img2dataset, ray.data, s3fs, torch; \
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval; \
-import pipeline.runner; assert torch.version.cuda, torch.__version__"
+import pipeline.runner, pipeline.attention; assert torch.version.cuda, torch.__version__"

@@ -33,7 +33,8 @@ from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.models.blip.modeling_blip import BlipAttention
 from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
-# sha256[:16] of inspect.getsource(cls.forward) in transformers 5.23.0, the code copied below.
+CHECKED_TRANSFORMERS = "5.23.0"  # the version whose BLIP attention is copied below (the image pins it)
+# sha256[:16] of inspect.getsource(cls.forward) in that version, the code copied below.
 _FINGERPRINTS = {BlipAttention: "7c204e9f015bbc82", BlipTextSelfAttention: "3c3aade98d4f2632"}
 _ATTRIBUTES = {
     BlipAttention: ("qkv", "projection", "num_heads", "embed_dim", "scale"),
@@ -134,8 +135,9 @@ def _check(module: nn.Module) -> None:
     digest = hashlib.sha256(inspect.getsource(cls.forward).encode()).hexdigest()[:16]
     if digest != _FINGERPRINTS[cls]:
         raise RuntimeError(
-            f"{cls.__qualname__}.forward is not transformers 5.23.0's, which pipeline.attention copies;"
-            " re-check the SDPA subclass against the installed code, then update _FINGERPRINTS"
+            f"{cls.__qualname__}.forward is not transformers {CHECKED_TRANSFORMERS}'s, which"
+            " pipeline.attention copies; re-check the SDPA subclass against the installed code,"
+            " then update _FINGERPRINTS and CHECKED_TRANSFORMERS"
         )
     missing = [name for name in _ATTRIBUTES[cls] if not hasattr(module, name)]
     if missing or not isinstance(getattr(module, "dropout", None), nn.Dropout):

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import transformers
 import yaml
 
 from pipeline import __version__
+from pipeline.attention import CHECKED_TRANSFORMERS
 from pipeline.config import typed_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +94,11 @@ def test_every_cluster_file_runs_the_image_docs_cluster_md_builds():
     used["Dockerfile's build comment"] = BUILD_COMMAND.findall(DOCKERFILE.read_text())
     for where, images in used.items():
         assert images and set(images) == {image}, f"{where}: {images}, docs/cluster.md builds {image}"
+
+
+def test_the_image_pins_the_transformers_the_sdpa_attention_was_checked_against():
+    pinned = re.search(r"ARG TRANSFORMERS_VERSION=(\S+)", DOCKERFILE.read_text())
+    assert pinned and pinned[1] == CHECKED_TRANSFORMERS == transformers.__version__
 
 
 def test_the_image_tag_names_this_capfilt_version():
