@@ -2,10 +2,11 @@
 
 1. Tiny checkpoints: captions come back per image, and CUDA/bf16 ITM probabilities match the
    CPU/fp32 ones within bf16 rounding.
-2. BLIP-large-sized models (BlipConfig with the real sizes, random weights: the FLOPs are the real
-   ones) for a first throughput figure of one actor: images/s for caption + ITM.
+2. BLIP-large-sized models (`model_cost.write_architecture`: the real sizes, random weights, so the
+   FLOPs are the real ones) for a first throughput figure of one actor: images/s for caption + ITM.
+3. With --compare, the same against the plain Hugging Face loop (`model_cost.compare`).
 
-    python benchmarks/gpu_check.py [--images 256] [--batch 64]
+    python benchmarks/gpu_check.py [--images 256] [--batch 64] [--models DIR] [--compare]
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
 from pipeline.capfilt_stage import CapFiltStage
 from pipeline.config import CaptionerSpec, FilterSpec
-from pipeline.resources import Resources
+from pipeline.perf.model_cost import capfilt_stage, compare, load_stage, write_architecture
 from pipeline.tiny_models import write_tiny_models
+
+NEW_TOKENS = 20
 
 
 def _chunk(n: int, size: int, seed: int = 0) -> dict:
@@ -33,20 +35,8 @@ def _chunk(n: int, size: int, seed: int = 0) -> dict:
 
 
 def _stage(captioner: Path, itm: Path, batch: int, device: str, **captioner_args) -> CapFiltStage:
-    stage = CapFiltStage(CaptionerSpec(model=str(captioner), **captioner_args),
-                         FilterSpec(model=str(itm), batch_size=4 * batch), Resources())  # fmt: skip
-    if device == "cpu":
-        real = torch.cuda.is_available
-        torch.cuda.is_available = lambda: (
-            False
-        )  # load the same stage on the CPU, as on a machine without CUDA
-        try:
-            stage.setup()
-        finally:
-            torch.cuda.is_available = real
-    else:
-        stage.setup()
-    return stage
+    return load_stage(CaptionerSpec(model=str(captioner), **captioner_args),
+                      FilterSpec(model=str(itm), batch_size=4 * batch), device)  # fmt: skip
 
 
 def check_tiny(tmp: Path) -> None:
@@ -68,30 +58,9 @@ def check_tiny(tmp: Path) -> None:
     assert diff.max() < 0.02
 
 
-def large_models(tmp: Path) -> tuple[Path, Path]:
-    """ViT-L/16 at 384 + BERT-base text, the sizes of blip-image-captioning-large / blip-itm-large-coco."""
-    tiny = write_tiny_models(tmp / "tok")
-    processor = BlipProcessor.from_pretrained(tiny.captioner)
-    processor.image_processor.size = {"height": 384, "width": 384}
-    tok = processor.tokenizer
-    config = BlipConfig(
-        vision_config={"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-                       "intermediate_size": 4096, "image_size": 384, "patch_size": 16},
-        text_config={"vocab_size": 30524, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
-                     "sep_token_id": tok.sep_token_id, "eos_token_id": tok.sep_token_id},
-    )  # fmt: skip
-    paths = []
-    for cls, name in ((BlipForConditionalGeneration, "captioner"), (BlipForImageTextRetrieval, "itm")):
-        cls(config).save_pretrained(tmp / name)
-        processor.save_pretrained(tmp / name)
-        paths.append(tmp / name)
-    return paths[0], paths[1]
-
-
-def bench_large(tmp: Path, images: int, batch: int) -> None:
-    captioner, itm = large_models(tmp)
-    # min_length = max_length: random weights must cost what real ones do (a full-length caption).
-    stage = _stage(captioner, itm, batch, "cuda", num_captions=1, min_length=20, max_length=20)
+def bench_large(models: Path, images: int, batch: int) -> None:
+    # Exactly NEW_TOKENS sampled tokens per caption: random weights must cost what real ones do.
+    stage = capfilt_stage(write_architecture("large", models / "large"), NEW_TOKENS, "cuda")
     stage(_chunk(batch, 384, seed=99))  # warm-up
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -100,15 +69,27 @@ def bench_large(tmp: Path, images: int, batch: int) -> None:
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     n = (images // batch) * batch
-    print(f"large: {n} images, chunk {batch}, 1 caption of 20 tokens + 2 ITM pairs per image: "
+    print(f"large: {n} images, chunk {batch}, 1 caption of {NEW_TOKENS} new tokens + 2 ITM pairs per image: "
           f"{n / elapsed:.1f} images/s on {torch.cuda.get_device_name()}")  # fmt: skip
+
+
+def compare_plain(models: Path, images: int, batch: int) -> None:
+    """Item 5 of the performance issue on this GPU: the actor against the plain HF loop (fp32)."""
+    result = compare("large", images, batch, NEW_TOKENS, "cuda", cache_dir=models)
+    print(f"large vs plain HF loop: plain {result['plain_images_per_s']:.1f} images/s, "
+          f"capfilt {result['capfilt_images_per_s']:.1f} images/s, ratio {result['ratio']:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--models", type=Path, help="keep the large checkpoints here (default: a temp dir)")
+    parser.add_argument("--compare", action="store_true", help="also time the plain HF loop (item 5)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         check_tiny(Path(tmp))
-        bench_large(Path(tmp), args.images, args.batch)
+        models = args.models or Path(tmp)
+        bench_large(models, args.images, args.batch)
+        if args.compare:
+            compare_plain(models, args.images, args.batch)

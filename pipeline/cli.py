@@ -174,6 +174,27 @@ def _bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_perf(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.perf.harness import PerfSettings, format_report, run_perf
+
+    settings = PerfSettings(
+        work=Path(args.dir),
+        rows=tuple(args.rows),
+        batch_size=args.batch_size,
+        architectures=tuple(args.architectures),
+        model_images=args.model_images,
+        model_batch=args.model_batch,
+    )
+    report = run_perf(settings)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capfilt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"capfilt {__version__}")
@@ -256,6 +277,28 @@ def _parser() -> argparse.ArgumentParser:
     quality.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     quality.add_argument("--address", help="Ray address of a running cluster")
     quality.set_defaults(handler=_bench_quality)
+
+    perf = bench.add_parser("perf", help="speed per stage, Ray's cost, memory, the model vs a plain HF loop")
+    perf.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        default=[1000, 5000, 20000],
+        help="row counts to run (memory at each; the other figures at the largest)",
+    )
+    perf.add_argument("--batch-size", type=int, default=64, help="the job's captioner.batch_size")
+    perf.add_argument(
+        "--architectures",
+        nargs="*",
+        default=["base", "large"],
+        choices=["tiny", "base", "large"],
+        help="BLIP sizes for the model-cost figures (random weights; none: skip them)",
+    )
+    perf.add_argument("--model-images", type=int, default=8, help="images per model-cost measurement")
+    perf.add_argument("--model-batch", type=int, default=4, help="batch of the model-cost measurement")
+    perf.add_argument("--dir", default="capfilt-bench", help="work directory (jobs, models; reused)")
+    perf.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    perf.set_defaults(handler=_bench_perf)
     return parser
 
 

@@ -55,7 +55,7 @@ class TinyModelPaths:
     itm: Path
 
 
-def _vocab() -> dict[str, int]:
+def tiny_vocab() -> dict[str, int]:
     """Specials first (so [PAD] is 0, like BERT), then words and pieces in a fixed order, deduplicated."""
     tokens = list(dict.fromkeys([*_SPECIAL, *_WORDS.split(), *_PIECES]))
     return {token: i for i, token in enumerate(tokens)}
@@ -138,7 +138,7 @@ def write_tiny_models(out_dir: str | Path, seed: int = 0) -> TinyModelPaths:
     .from_pretrained). Idempotent: writing twice gives identical files."""
     out = Path(out_dir)
     paths = TinyModelPaths(captioner=out / CAPTIONER_DIR, itm=out / ITM_DIR)
-    processor = blip_processor(_vocab())
+    processor = blip_processor(tiny_vocab())
     config = blip_config(processor)
     for model_cls, path in (
         (BlipForConditionalGeneration, paths.captioner),

@@ -1,0 +1,51 @@
+"""One job run as a user runs it: `capfilt run JOB.yaml` in its own process, watched.
+
+Its own process, so that the driver's memory is the job's alone (not the bench's models and
+decoded batches), and the local Ray it starts is its own.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import JobSpec
+from pipeline.layout import OutputLayout
+from pipeline.perf.process_watch import Peaks, ProcessWatch
+
+
+@dataclass(frozen=True)
+class JobRun:
+    wall_s: float
+    manifest: dict[str, Any]
+    peaks: Peaks
+    log: str
+
+    @property
+    def timings(self) -> dict[str, Any]:
+        return self.manifest["timings"]
+
+
+def run_watched(spec: JobSpec, job_file: Path) -> JobRun:
+    """Run the job to the end in a child process; raise with its log's tail if it did not complete."""
+    job_file.write_text(yaml.safe_dump(spec.to_dict()))
+    log_file = job_file.with_suffix(".log")
+    start = time.perf_counter()
+    with log_file.open("w") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "run", str(job_file)], stdout=log, stderr=subprocess.STDOUT
+        )
+        with ProcessWatch(child.pid) as watch:
+            code = child.wait()
+    wall = time.perf_counter() - start
+    text = log_file.read_text()
+    if code != 0:
+        raise RuntimeError(f"capfilt run {job_file} exited {code}:\n" + "\n".join(text.splitlines()[-30:]))
+    manifest = OutputLayout(spec.output.path).manifest.read_json()
+    return JobRun(wall, manifest, watch.peaks, text)
