@@ -187,16 +187,16 @@ class _Models:
         import torch
         from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-        from pipeline.attention import use_sdpa
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         captioner = BlipForConditionalGeneration.from_pretrained(captioner_name, dtype=dtype)
         itm_model = BlipForImageTextRetrieval.from_pretrained(itm_name, dtype=dtype)
         for model in (captioner, itm_model):
             try:
+                from pipeline.attention import use_sdpa
+
                 use_sdpa(model)
-            except (RuntimeError, OSError) as err:  # another transformers' BLIP: right results, eager speed
+            except (ImportError, RuntimeError, OSError) as err:  # another transformers: eager, slower
                 print(f"capfilt: {type(model).__name__} keeps eager attention: {err}", flush=True)
         return cls(
             captioner.to(device).eval(),

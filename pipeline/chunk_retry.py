@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.chunks import Chunk
 from pipeline.messages import one_line
+from pipeline.timings import SCORING_SECONDS
 
 Log = Callable[[str], None]
 
@@ -78,7 +79,7 @@ def join(parts: list[Chunk]) -> Chunk:
     for k, v in parts[0].items():
         if k == "error":
             joined[k] = next((p["error"] for p in parts if p["error"]), "")
-        elif isinstance(v, float):  # seconds spent: the halves' add up
+        elif k in SCORING_SECONDS:  # seconds spent: the halves' add up
             joined[k] = sum(p[k] for p in parts)
         elif isinstance(v, np.ndarray):
             joined[k] = np.concatenate([p[k] for p in parts])

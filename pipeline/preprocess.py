@@ -8,7 +8,6 @@ CapFilt actor. The resize matches `BlipImageProcessor` (PIL, bicubic, RGB).
 from __future__ import annotations
 
 import io
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,6 +16,7 @@ from PIL import Image
 
 from pipeline.chunks import Chunk
 from pipeline.resources import Resources
+from pipeline.timings import stopwatch
 
 
 @dataclass(frozen=True)
@@ -34,17 +34,17 @@ class PreprocessStage:
         return cls(height=size["height"], width=size["width"])
 
     def __call__(self, chunk: Chunk) -> Chunk:
-        start = time.perf_counter()
+        timing = {"preprocess_s": 0.0}
         pixels = np.zeros((len(chunk["keys"]), self.height, self.width, 3), dtype=np.uint8)
         errors = []
-        for i, data in enumerate(chunk.pop("jpegs")):
-            try:
-                pixels[i] = self.decode(data)
-                errors.append("")
-            except Exception as err:  # any decoder failure is this row's fate, not the job's
-                errors.append(f"decode: {type(err).__name__}: {err}")
-        seconds = time.perf_counter() - start
-        return {**chunk, "pixels": pixels, "decode_errors": errors, "preprocess_s": seconds}
+        with stopwatch(timing, "preprocess_s"):
+            for i, data in enumerate(chunk.pop("jpegs")):
+                try:
+                    pixels[i] = self.decode(data)
+                    errors.append("")
+                except Exception as err:  # any decoder failure is this row's fate, not the job's
+                    errors.append(f"decode: {type(err).__name__}: {err}")
+        return {**chunk, "pixels": pixels, "decode_errors": errors, **timing}
 
     def decode(self, data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:

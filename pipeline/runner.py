@@ -30,7 +30,7 @@ from pipeline.messages import one_line
 from pipeline.preprocess import PreprocessStage
 from pipeline.resources import Resources
 from pipeline.shard_writer import ShardWriter, scores_by_key
-from pipeline.timings import RunTimings
+from pipeline.timings import RunTimings, stopwatch
 from pipeline.url_list import check_columns, prepare
 
 Log = Callable[[str], None]
@@ -187,9 +187,10 @@ def _capfilt(spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint
 
 def _write_shard(writer: ShardWriter, shard: str, chunks: list[Chunk]) -> tuple[dict[str, Any], float]:
     """The shard's report, and the seconds writing it took."""
-    start = time.perf_counter()
-    report = writer.write(shard, scores_by_key(chunks))
-    return report, time.perf_counter() - start
+    seconds: dict[str, float] = {}
+    with stopwatch(seconds, "write"):
+        report = writer.write(shard, scores_by_key(chunks))
+    return report, seconds["write"]
 
 
 class _StageActor:

@@ -126,7 +126,10 @@ def test_split_and_join_keep_rows_and_shared_fields():
     assert first["part"] == "0" and second["part"] == "1"
     assert split(first)[1]["part"] == "01"
     assert first["shard"] == second["shard"] == "00002"
-    back = join([{**first, "error": ""}, {**second, "error": "boom"}])
+    back = join([{**first, "error": "", "caption_s": 1.5, "itm_s": 0.25, "preprocess_s": 2.0},
+                 {**second, "error": "boom", "caption_s": 0.5, "itm_s": 0.25, "preprocess_s": 2.0}])  # fmt: skip
     assert back["keys"] == chunk["keys"] and back["captions"] == chunk["captions"]
+    # The halves' scoring seconds add up; a shared figure (the whole chunk's decoding) stays one.
+    assert (back["caption_s"], back["itm_s"], back["preprocess_s"]) == (2.0, 0.5, 2.0)
     assert list(back["pixels"]) == [0, 1, 2]
     assert back["error"] == "boom" and "part" not in back

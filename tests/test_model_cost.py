@@ -71,7 +71,7 @@ def test_plain_loop_is_fp32_like_a_default_user(tiny: TinyModelPaths) -> None:
     assert plain.captioner.dtype == plain.itm.dtype == torch.float32
 
 
-def test_compare_reports_both_rates_and_their_ratio(tmp_path: Path, tiny: TinyModelPaths) -> None:
+def test_compare_reports_both_rates_and_their_ratio(tmp_path: Path) -> None:
     result = compare("tiny", images=4, batch=2, new_tokens=3, device="cpu", cache_dir=tmp_path)
     assert result["architecture"] == "tiny" and result["device"] == "cpu"
     assert (result["images"], result["batch"], result["new_tokens"]) == (4, 2, 3)

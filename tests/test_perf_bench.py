@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 from pipeline.cli import main
 from pipeline.perf.harness import memory_spread
 from pipeline.perf.process_watch import ProcessWatch
@@ -28,6 +30,7 @@ def test_the_watch_tells_the_driver_from_a_ray_worker_below_it():
             f"import subprocess; subprocess.Popen(['bash', '-c', {child!r}]); " + _HOLD.format(mb=150),
         ]
     )
+    watched = psutil.Process(driver.pid)
     try:
         with ProcessWatch(driver.pid, interval=0.05) as watch:
             deadline = time.monotonic() + 20
@@ -35,9 +38,10 @@ def test_the_watch_tells_the_driver_from_a_ray_worker_below_it():
                 time.sleep(0.1)
         peaks = watch.peaks
     finally:
-        for process in watch.root.children(recursive=True):
+        for process in watched.children(recursive=True):
             process.kill()
         driver.kill()
+        driver.wait()
     assert 150 <= peaks.driver_mb < 250
     assert 300 <= peaks.worker_mb < 400
     assert peaks.workers_total_mb >= peaks.worker_mb
@@ -61,7 +65,7 @@ def test_bench_perf_runs_the_job_and_its_baselines_and_writes_every_figure(tmp_p
     pipeline = report["pipeline"]
     assert pipeline["rows"] == 100 and pipeline["wall_s"] > 0
     assert pipeline["caption_filter_images_per_s"] > 0 and 0 < pipeline["actor_busy"] <= 1
-    assert set(pipeline["per_worker_images_per_s"]) == {"preprocess", "caption", "itm", "write"}
+    assert set(pipeline["per_worker_per_s"]) == {"preprocess", "caption", "itm", "write"}
     assert report["ray_tax"] == round(
         pipeline["caption_filter_images_per_s"] / report["bare_loop_images_per_s"], 3
     )

@@ -27,6 +27,8 @@ from pipeline.perf.bench_web import bench_site, bench_spec
 from pipeline.perf.job_run import JobRun, run_watched
 from pipeline.perf.model_cost import compare
 from pipeline.perf.plain_download import plain_download_s
+from pipeline.perf.process_watch import cores
+from pipeline.timings import actor_busy, steady_images_per_s
 from pipeline.tiny_models import IMAGE_SIZE, write_tiny_models
 
 BARE_LOOP_IMAGES = 4000  # enough for a steady rate; all of them are held decoded in memory
@@ -64,18 +66,19 @@ def run_perf(settings: PerfSettings, log: Any = print) -> dict[str, Any]:
             spec = bench_spec(root, url_list, models, IMAGE_SIZE, settings.batch_size)
             log(f"perf: capfilt run on {rows} rows ...")
             run = run_watched(spec, root / "job.yaml")
-            report["peak_rss_mb"][str(rows)] = run.peaks.as_dict()
+            report["peak_rss_mb"][str(rows)] = run.peaks.memory_mb()
             if rows == largest:
                 report["pipeline"] = pipeline_figures(run, rows)
                 log("perf: plain img2dataset on the same list ...")
                 plain = plain_download_s(spec, root / "plain-img2dataset")
                 capfilt = run.timings["download_s"]
-                report["download"] = {"capfilt_s": capfilt, "img2dataset_s": round(plain, 3)}
-                report["download_ratio"] = round(plain / capfilt, 3)
+                plain = round(plain, 3)  # the ratio is taken of the figures reported
+                report["download"] = {"capfilt_s": capfilt, "img2dataset_s": plain}
+                report["download_ratio"] = round(plain / capfilt, 3) if capfilt > 0 else 0.0
                 log("perf: bare loop over the same decoded batches ...")
-                bare = bare_images_per_s(spec, decoded_chunks(spec, BARE_LOOP_IMAGES))
+                bare = round(bare_images_per_s(spec, decoded_chunks(spec, BARE_LOOP_IMAGES)), 1)
                 steady = report["pipeline"]["caption_filter_images_per_s"]
-                report["bare_loop_images_per_s"] = round(bare, 1)
+                report["bare_loop_images_per_s"] = bare
                 report["ray_tax"] = round(steady / bare, 3)
         finally:
             site.stop()
@@ -101,8 +104,6 @@ def pipeline_figures(run: JobRun, rows: int) -> dict[str, Any]:
     t = run.timings
     counts = run.manifest["counts"]
     downloaded = counts["kept"] + counts["filtered"] + counts["decode_failed"]
-    steady_s = t["caption_filter_s"] - t["startup_s"]
-    actors = max(1, len(run.manifest["actors"]))
 
     def rate(n: float, seconds: float) -> float:
         return round(n / seconds, 1) if seconds > 0 else 0.0
@@ -112,14 +113,14 @@ def pipeline_figures(run: JobRun, rows: int) -> dict[str, Any]:
         "wall_s": round(run.wall_s, 2),
         "rows_per_s": rate(rows, run.wall_s),
         "download_images_per_s": rate(downloaded, t["download_s"]),
-        "caption_filter_images_per_s": rate(t["images"], steady_s),
+        "caption_filter_images_per_s": round(steady_images_per_s(t), 1),
         "startup_s": t["startup_s"],
-        # One worker's rate: the writer's counts every row of a shard, the others the scored images.
-        "per_worker_images_per_s": {
+        # One worker's rate: images/s, but rows/s for the writer (it writes every row of a shard).
+        "per_worker_per_s": {
             stage: rate(rows if stage == "write" else t["images"], s) for stage, s in t["busy_s"].items()
         },
-        "actor_busy": round((t["busy_s"]["caption"] + t["busy_s"]["itm"]) / (steady_s * actors), 3),
-        "cpu_busy": run.peaks.cpu_busy,
+        "actor_busy": round(actor_busy(t, len(run.manifest["actors"])), 3),
+        "cpu_busy": round(run.peaks.cpu_busy, 3),
     }
 
 
@@ -136,17 +137,11 @@ def machine() -> dict[str, Any]:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return {
         "cpu": platform.processor() or platform.machine(),
-        "cores": _cores(),
+        "cores": cores(),
         "gpu": device,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _device() -> str:
@@ -175,7 +170,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"  caption+filter        {p['caption_filter_images_per_s']:>8} images/s once the actor was ready "
         f"(after {p['startup_s']} s)",
     ]
-    per_worker = p["per_worker_images_per_s"].items()
+    per_worker = p["per_worker_per_s"].items()
     lines += [f"  {stage:<20}  {rate:>8} {'rows' if stage == 'write' else 'images'}/s per worker"
               for stage, rate in per_worker]  # fmt: skip
     lines += [

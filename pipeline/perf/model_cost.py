@@ -208,18 +208,6 @@ def capfilt_step(paths: TinyModelPaths, new_tokens: int, device: str) -> Step:
     return lambda pixels: stage(chunk(pixels))
 
 
-def plain_hf_loop(paths: TinyModelPaths, pixels_batches: list[np.ndarray], new_tokens: int,
-                  device: str) -> float:  # fmt: skip
-    """Images/s of `PlainLoop` over the batches (it takes each as a list of HWC images)."""
-    return timed({"plain": PlainLoop(paths, new_tokens, device)}, pixels_batches, device)["plain"]
-
-
-def capfilt_rate(paths: TinyModelPaths, pixels_batches: list[np.ndarray], new_tokens: int,
-                 device: str) -> float:  # fmt: skip
-    """Images/s of the CapFilt actor over chunks of the same batches, web captions included."""
-    return timed({"capfilt": capfilt_step(paths, new_tokens, device)}, pixels_batches, device)["capfilt"]
-
-
 def timed(steps: dict[str, Step], batches: list[np.ndarray], device: str) -> dict[str, float]:
     """Images/s of each step over all batches, after an untimed warm-up on the first (lazy init, kernel
     choice). The steps take turns batch by batch, so a shared machine's changing load weighs on all alike."""

@@ -10,7 +10,6 @@ the time is taken around the `download()` call inside it, so the child's imports
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from pipeline.config import JobSpec
 from pipeline.download import DownloadStage
 from pipeline.layout import OutputLayout
+from pipeline.perf.process_watch import cores
 
 _CHILD = """
 import json, sys, time
@@ -34,7 +34,7 @@ def plain_download_s(spec: JobSpec, out_dir: Path) -> float:
     arguments = {
         **DownloadStage(spec, OutputLayout(spec.output.path)).arguments(),
         "output_folder": str(out_dir),
-        "processes_count": os.cpu_count() or 1,
+        "processes_count": cores(),
     }
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(arguments)], capture_output=True, text=True, check=False

@@ -26,8 +26,8 @@ class Peaks:
     ray_system_mb: float = 0.0  # GCS, raylet, dashboard and the like, together
     cpu_busy: float = 0.0  # share of all the machine's cores busy over the watch
 
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 3 if k == "cpu_busy" else 1) for k, v in vars(self).items()}
+    def memory_mb(self) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in vars(self).items() if k.endswith("_mb")}
 
 
 class ProcessWatch:
@@ -87,3 +87,8 @@ def _busy_share(start: psutil._common.scputimes, end: psutil._common.scputimes) 
     total = sum(end) - sum(start)
     idle = (end.idle + getattr(end, "iowait", 0.0)) - (start.idle + getattr(start, "iowait", 0.0))
     return 1 - idle / total if total > 0 else 0.0
+
+
+def cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(psutil.Process().cpu_affinity() or []) or psutil.cpu_count() or 1
