@@ -4,8 +4,8 @@ Each stage times its own work and the figure rides back with the chunk (`preproc
 `itm_s`) or the writer's result; the runner adds them up. Busy seconds are summed over all workers,
 so `images / busy` is one worker's rate, and `actor_busy` how busy the CapFilt actors were in the
 steady window (from their models' loading to the phase's end): an actor busy 60 % of it is a GPU
-waiting 40 %. The
-manifest carries these figures for the run that wrote it, and `capfilt bench perf` reads them.
+waiting 40 %. The manifest carries these figures for the run that wrote it, and `capfilt bench perf`
+reads them.
 """
 
 from __future__ import annotations
