@@ -90,5 +90,7 @@ def _busy_share(start: psutil._common.scputimes, end: psutil._common.scputimes) 
 
 
 def cores() -> int:
-    """The cores this process may run on (a container's CPU set, not the host's count)."""
-    return len(psutil.Process().cpu_affinity() or []) or psutil.cpu_count() or 1
+    """The cores this process may run on (a container's CPU set, not the host's count; macOS has no
+    CPU sets, so there it is the machine's count)."""
+    affinity = getattr(psutil.Process(), "cpu_affinity", None)
+    return (len(affinity()) if affinity else 0) or psutil.cpu_count() or 1
