@@ -162,21 +162,24 @@ def _tiny_models(args: argparse.Namespace) -> int:
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
-    import json
-
     from pipeline.synthetic.quality import format_report, run_quality
 
     report = run_quality(seed=args.seed, rows=args.rows, address=args.address)
-    print(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"figures written to {args.json}")
+    return _print_figures(format_report(report), report, args.json)
+
+
+def _print_figures(table: str, figures: dict, json_file: str | None) -> int:
+    """A benchmark's table on stdout and, with --json, its figures in a file."""
+    import json
+
+    print(table)
+    if json_file:
+        Path(json_file).write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"figures written to {json_file}")
     return 0
 
 
 def _bench_perf(args: argparse.Namespace) -> int:
-    import json
-
     from pipeline.perf.harness import PerfSettings, format_report, run_perf
 
     settings = PerfSettings(
@@ -188,11 +191,7 @@ def _bench_perf(args: argparse.Namespace) -> int:
         model_batch=args.model_batch,
     )
     report = run_perf(settings)
-    print(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"figures written to {args.json}")
-    return 0
+    return _print_figures(format_report(report), report, args.json)
 
 
 def _parser() -> argparse.ArgumentParser:
