@@ -27,11 +27,13 @@ def decoded_chunks(spec: JobSpec, images: int) -> list[Chunk]:
     read = ChunkReader(layout, spec.captioner.batch_size)
     preprocess = PreprocessStage.for_model(spec.captioner.model)
     chunks: list[Chunk] = []
+    held = 0
     for shard in layout.downloaded_shards():
         for chunk in read({"shard": shard}):
-            if sum(len(c["keys"]) for c in chunks) >= images:
+            if held >= images:
                 return chunks
             chunks.append(preprocess(chunk))
+            held += len(chunk["keys"])
     return chunks
 
 
