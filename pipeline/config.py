@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import ipaddress
 import json
 import math
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ class InputSpec:
     input_format: str = "parquet"
     url_col: str = "url"
     caption_col: str | None = "caption"
+    extra_columns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class DownloadSpec:
     retries: int = 0
     thread_count: int = 64
     allow_private_networks: bool = False
+    allowed_networks: tuple[str, ...] = ()
+    denied_networks: tuple[str, ...] = ()
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 100_000_000
     user_agent_token: str | None = None
     disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED_HEADER_DIRECTIVES
 
@@ -192,7 +198,9 @@ def typed_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec
         _apply_override(raw, item)
     _validate(raw)
     sections = {name: cls(**_tuples(raw.get(name, {}))) for name, cls in _SECTIONS.items() if name in raw}
-    return JobSpec(**sections)
+    spec = JobSpec(**sections)
+    _check_networks(spec.download)
+    return spec
 
 
 def _tuples(section: dict[str, Any]) -> dict[str, Any]:
@@ -264,6 +272,17 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "enum":
         return f"{where}: {error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
     return f"{where or '(top level)'}: {error.message}"
+
+
+def _check_networks(download: DownloadSpec) -> None:
+    for key in ("allowed_networks", "denied_networks"):
+        for i, value in enumerate(getattr(download, key)):
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise SpecError(
+                    f"download.{key}.{i}: {value!r} is not a network (CIDR, e.g. 10.0.0.0/8 or fd00::/8)"
+                ) from None
 
 
 def _check_files(spec: JobSpec) -> None:

@@ -32,6 +32,7 @@ from pipeline.resources import Resources
 from pipeline.shard_writer import ShardWriter, scores_by_key
 from pipeline.timings import RunTimings, stopwatch
 from pipeline.url_list import check_columns, prepare
+from pipeline.urlpolicy import NetworkPolicy
 
 Log = Callable[[str], None]
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -61,7 +62,7 @@ def run_job(
     layout.root.mkdir()
     fingerprint = spec.fingerprint()
     with ray_session(address):
-        rows = prepare(spec.input, spec.download.allow_private_networks, layout.prepared_input,
+        rows = prepare(spec.input, NetworkPolicy.of(spec.download), layout.prepared_input,
                        spec.download_fingerprint(), downloaded=bool(layout.downloaded_shards()))  # fmt: skip
         names = [f"{i:05d}" for i in range(math.ceil(rows / spec.output.shard_size))]
         # Written now, so that `capfilt inspect` can follow a job that is running or died half way.

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import InputSpec, SpecError
 from pipeline.storage import Location, parquet_file
-from pipeline.urlpolicy import check_urls
+from pipeline.urlpolicy import NetworkPolicy, check_urls
 
 URL = "capfilt_url"
 CAPTION = "capfilt_caption"
@@ -55,7 +55,7 @@ def check_columns(spec: InputSpec) -> None:
 
 
 def prepare(
-    spec: InputSpec, allow_private_networks: bool, out: Location, fingerprint: str, downloaded: bool
+    spec: InputSpec, policy: NetworkPolicy, out: Location, fingerprint: str, downloaded: bool
 ) -> int:
     """Write img2dataset's input list to `out`; return the number of input rows.
 
@@ -79,7 +79,7 @@ def prepare(
     with out.writing() as stream, pq.ParquetWriter(stream, schema) as writer:
         for batch in read_batches(spec):
             urls = batch.column("url").to_pylist()
-            verdicts = check_urls(urls, allow_private_networks)
+            verdicts = check_urls(urls, policy)
             writer.write_batch(
                 pa.RecordBatch.from_pylist(
                     [

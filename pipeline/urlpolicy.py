@@ -1,13 +1,16 @@
-"""Which URLs may be fetched at all, decided before any request is sent.
+"""Which URLs and addresses may be fetched at all, decided before any request is sent.
 
 Web URL lists contain `file://` paths, intranet hosts and cloud metadata addresses
 (169.254.169.254). A crawler that fetches them leaks or attacks its own network, so by default
-only http(s) URLs whose host is a public address are fetched; `allow_private_networks` opens
-private, loopback and link-local hosts (the tests serve images on 127.0.0.1).
+only http(s) URLs whose host is a public address are fetched. The job's `NetworkPolicy` opens
+private, loopback and link-local hosts (`allow_private_networks`; the tests serve images on
+127.0.0.1) or chosen networks only (`allowed_networks`), and closes networks whatever else says
+(`denied_networks`).
 
-Names are resolved here and every address they resolve to must be public. This does not stop a
-DNS answer that changes between this check and the download, nor a redirect to a private
-address; those need the check inside the HTTP client.
+Here names are resolved once per host, before the download, so that a list of blocked rows costs no
+request. The same policy is enforced again on every connection the downloader opens, redirects
+included, against the address it really connects to (`pipeline.fetch_guard`): a DNS answer that
+changes in between, or a redirect to an intranet host, is caught there.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from pipeline.config import DownloadSpec
 from pipeline.fates import Fate
 
 Resolver = Callable[[str], list[str]]
@@ -34,6 +38,37 @@ class Verdict:
     error: str
 
 
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """Which addresses may be connected to. A denied network wins over everything; an allowed network
+    or `allow_private_networks` opens non-public addresses; public addresses are open by default."""
+
+    allow_private_networks: bool = False
+    allowed_networks: tuple[str, ...] = ()
+    denied_networks: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, download: DownloadSpec) -> NetworkPolicy:
+        return cls(download.allow_private_networks, download.allowed_networks, download.denied_networks)
+
+    @property
+    def needs_addresses(self) -> bool:
+        """False when no address can be refused, so names need not be resolved before the download."""
+        return not (self.allow_private_networks and not self.denied_networks)
+
+    def refusal(self, address: str) -> str | None:
+        """Why `address` may not be connected to, or None when it may."""
+        ip = _unmapped(address)
+        for network in self.denied_networks:
+            if ip in ipaddress.ip_network(network, strict=False):
+                return f"{address} is in denied network {network}"
+        if any(ip in ipaddress.ip_network(n, strict=False) for n in self.allowed_networks):
+            return None
+        if self.allow_private_networks or is_public_address(address):
+            return None
+        return f"{address} is a private, loopback or link-local address"
+
+
 def resolve(host: str) -> list[str]:
     """All addresses `host` resolves to; [] when it does not resolve (the download fails later)."""
     try:
@@ -43,10 +78,16 @@ def resolve(host: str) -> list[str]:
 
 
 def is_public_address(address: str) -> bool:
+    ip = _unmapped(address)
+    return ip.is_global and not ip.is_multicast
+
+
+def _unmapped(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address, an IPv4-mapped IPv6 address (::ffff:10.0.0.1) as the IPv4 address it is."""
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+        return ip.ipv4_mapped
+    return ip
 
 
 def host_of(url: str) -> str | None:
@@ -61,6 +102,11 @@ def check_syntax(url: object) -> Verdict | None:
     """Rules that need no network: present, parseable, http(s), with a host."""
     if not isinstance(url, str) or not url.strip():
         return Verdict(Fate.INVALID_INPUT, "empty url")
+    if "\ufffd" in url:
+        return Verdict(Fate.INVALID_INPUT, "not a url: it was not valid UTF-8 in the input")
+    odd = next((c for c in url.strip() if c.isspace() or not c.isprintable()), None)
+    if odd is not None:
+        return Verdict(Fate.INVALID_INPUT, f"not a url: it contains the character {odd!r}")
     try:
         parts = urlsplit(url.strip())
         hostname = parts.hostname
@@ -76,28 +122,28 @@ def check_syntax(url: object) -> Verdict | None:
     return None
 
 
-def check_url(url: object, allow_private_networks: bool, resolver: Resolver = resolve) -> Verdict | None:
+def check_url(url: object, policy: NetworkPolicy, resolver: Resolver = resolve) -> Verdict | None:
     """None when the URL may be fetched, else the verdict."""
-    return check_urls([url], allow_private_networks, resolver)[0]
+    return check_urls([url], policy, resolver)[0]
 
 
 def check_urls(
-    urls: Iterable[object], allow_private_networks: bool, resolver: Resolver = resolve, threads: int = 32
+    urls: Iterable[object], policy: NetworkPolicy, resolver: Resolver = resolve, threads: int = 32
 ) -> list[Verdict | None]:
     """`check_url` for many URLs, resolving each distinct host once and in parallel."""
     urls = list(urls)
     syntax = [check_syntax(u) for u in urls]
-    if allow_private_networks:
+    if not policy.needs_addresses:
         return syntax
     hosts = sorted({host_of(str(u)) for u, v in zip(urls, syntax, strict=True) if v is None} - {None})
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(hosts)))) as pool:
-        verdict_of = dict(
-            zip(hosts, pool.map(lambda h: _address_verdict(h, _addresses(h, resolver)), hosts), strict=True)
-        )
+        verdicts = pool.map(lambda h: address_verdict(h, addresses_of(h, resolver), policy), hosts)
+        verdict_of = dict(zip(hosts, verdicts, strict=True))
     return [v if v is not None else verdict_of[host_of(str(u))] for u, v in zip(urls, syntax, strict=True)]
 
 
-def _addresses(host: str, resolver: Resolver) -> list[str]:
+def addresses_of(host: str, resolver: Resolver = resolve) -> list[str]:
+    """The host's address when it is one (no lookup), else every address it resolves to."""
     literal = host.strip("[]")
     try:
         ipaddress.ip_address(literal.split("%")[0])
@@ -106,9 +152,10 @@ def _addresses(host: str, resolver: Resolver) -> list[str]:
         return resolver(host)
 
 
-def _address_verdict(host: str, addresses: list[str]) -> Verdict | None:
-    private = [a for a in addresses if not is_public_address(a)]
-    if private:
-        reason = f"host {host} is a private, loopback or link-local address ({private[0]})"
-        return Verdict(Fate.BLOCKED, reason)
+def address_verdict(host: str, addresses: list[str], policy: NetworkPolicy) -> Verdict | None:
+    """BLOCKED when the policy refuses any of the host's addresses: a name is as safe as its worst."""
+    for address in addresses:
+        refusal = policy.refusal(address)
+        if refusal is not None:
+            return Verdict(Fate.BLOCKED, f"host {host}: {refusal}")
     return None

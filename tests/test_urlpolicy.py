@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from pipeline.fates import Fate
-from pipeline.urlpolicy import check_url, check_urls
+from pipeline.urlpolicy import NetworkPolicy, check_url, check_urls
 
 
 def http_url(host: str, path: str = "/a.jpg", scheme: str = "http") -> str:
@@ -40,7 +40,7 @@ def fake_dns(host: str) -> list[str]:
 
 
 def private_message(host: str, address: str) -> str:
-    return f"host {host} is a private, loopback or link-local address ({address})"
+    return f"host {host}: {address} is a private, loopback or link-local address"
 
 
 # --- literal addresses: classified without DNS -----------------------------------------------------
@@ -56,7 +56,7 @@ def private_message(host: str, address: str) -> str:
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_private_literal_addresses_are_blocked_without_dns(host, scheme):
     verdict = check_url(
-        http_url(f"{host}:8080", scheme=scheme), allow_private_networks=False, resolver=no_dns
+        http_url(f"{host}:8080", scheme=scheme), policy=NetworkPolicy(), resolver=no_dns
     )
     assert verdict is not None
     assert verdict.fate == Fate.BLOCKED
@@ -70,7 +70,7 @@ def test_private_literal_addresses_are_blocked_without_dns(host, scheme):
 @pytest.mark.parametrize("suffix", ["/a.jpg", ":8443/a.jpg?x=1", "/"])
 def test_public_literal_addresses_pass_without_dns(host, suffix):
     assert (
-        check_url(http_url(host, suffix, scheme="https"), allow_private_networks=False, resolver=no_dns)
+        check_url(http_url(host, suffix, scheme="https"), policy=NetworkPolicy(), resolver=no_dns)
         is None
     )
 
@@ -94,7 +94,7 @@ def test_public_literal_addresses_pass_without_dns(host, suffix):
     ],
 )
 def test_names_are_judged_by_every_address_they_resolve_to(host, blocked_by):
-    verdict = check_url(http_url(host), allow_private_networks=False, resolver=fake_dns)
+    verdict = check_url(http_url(host), policy=NetworkPolicy(), resolver=fake_dns)
     if blocked_by is None:
         assert verdict is None
     else:
@@ -111,17 +111,17 @@ def test_names_are_looked_up_lowercased_and_without_port_or_credentials():
         return ["10.1.2.3"]
 
     verdict = check_url(
-        http_url("user:pw@InTraNet.TEST:8080"), allow_private_networks=False, resolver=resolver
+        http_url("user:pw@InTraNet.TEST:8080"), policy=NetworkPolicy(), resolver=resolver
     )
     assert asked == ["intranet.test"]
     assert verdict is not None and verdict.fate == Fate.BLOCKED
 
 
 def test_localhost_is_blocked_by_the_real_resolver():
-    verdict = check_url(http_url("localhost:8000"), allow_private_networks=False)
+    verdict = check_url(http_url("localhost:8000"), policy=NetworkPolicy())
     assert verdict is not None
     assert verdict.fate == Fate.BLOCKED
-    assert verdict.error.startswith("host localhost is a private, loopback or link-local address (")
+    assert verdict.error.startswith("host localhost: ") and verdict.error.endswith(" is a private, loopback or link-local address")
 
 
 # --- syntax and scheme: no network needed, the same whatever the private-network setting -------------
@@ -135,7 +135,12 @@ def test_localhost_is_blocked_by_the_real_resolver():
         ("", Fate.INVALID_INPUT, "empty url"),
         ("   ", Fate.INVALID_INPUT, "empty url"),
         ("\t\n", Fate.INVALID_INPUT, "empty url"),
-        ("not a url", Fate.INVALID_INPUT, "not a url: no scheme"),
+        ("not a url", Fate.INVALID_INPUT, "not a url: it contains the character ' '"),
+        ("notaurl", Fate.INVALID_INPUT, "not a url: no scheme"),
+        ("http://cdn.test/a b.jpg", Fate.INVALID_INPUT, "not a url: it contains the character ' '"),
+        ("http://cdn.test/a.jpg\x00", Fate.INVALID_INPUT, "not a url: it contains the character '\\x00'"),
+        ("http://cdn.test/\x1b[31m.jpg", Fate.INVALID_INPUT, "not a url: it contains the character '\\x1b'"),
+        ("http://cdn.test/a\ufffd.jpg", Fate.INVALID_INPUT, "not a url: it was not valid UTF-8 in the input"),
         ("//cdn.test/a.jpg", Fate.INVALID_INPUT, "not a url: no scheme"),
         ("http://", Fate.INVALID_INPUT, "not a url: no host"),
         ("http:///a.jpg", Fate.INVALID_INPUT, "not a url: no host"),
@@ -153,7 +158,7 @@ def test_localhost_is_blocked_by_the_real_resolver():
 )  # fmt: skip
 @pytest.mark.parametrize("allow_private", [False, True])
 def test_syntax_and_scheme_rules_hold_even_when_private_networks_are_allowed(url, fate, error, allow_private):
-    verdict = check_url(url, allow_private_networks=allow_private, resolver=no_dns)
+    verdict = check_url(url, policy=NetworkPolicy(allow_private), resolver=no_dns)
     assert verdict is not None
     assert verdict.fate == fate
     assert verdict.error == error
@@ -169,7 +174,7 @@ def test_syntax_and_scheme_rules_hold_even_when_private_networks_are_allowed(url
      http_url("8.8.8.8", scheme="https")],
 )  # fmt: skip
 def test_allow_private_networks_opens_private_hosts_without_any_lookup(url):
-    assert check_url(url, allow_private_networks=True, resolver=no_dns) is None
+    assert check_url(url, policy=NetworkPolicy(True), resolver=no_dns) is None
 
 
 @pytest.mark.parametrize(
@@ -181,7 +186,7 @@ def test_allow_private_networks_opens_private_hosts_without_any_lookup(url):
     ],
 )
 def test_case_and_surrounding_space_do_not_change_the_verdict(url, blocked):
-    verdict = check_url(url, allow_private_networks=False, resolver=no_dns)
+    verdict = check_url(url, policy=NetworkPolicy(), resolver=no_dns)
     assert (verdict is not None and verdict.fate == Fate.BLOCKED) == blocked
 
 
@@ -211,7 +216,7 @@ def test_check_urls_resolves_each_distinct_host_once_and_keeps_the_order():
         (http_url("v6.test", "/10.jpg", scheme="https"), None),
         ("http://[::1", Fate.INVALID_INPUT),
     ] * 5
-    verdicts = check_urls([u for u, _ in table], allow_private_networks=False, resolver=counting, threads=4)
+    verdicts = check_urls([u for u, _ in table], policy=NetworkPolicy(), resolver=counting, threads=4)
     assert [v.fate if v else None for v in verdicts] == [fate for _, fate in table]
     assert all(v.error for v in verdicts if v is not None)
     assert calls == Counter(
@@ -221,10 +226,10 @@ def test_check_urls_resolves_each_distinct_host_once_and_keeps_the_order():
 
 @pytest.mark.parametrize("allow_private", [False, True])
 def test_check_urls_of_nothing_is_nothing(allow_private):
-    assert check_urls([], allow_private_networks=allow_private, resolver=no_dns) == []
+    assert check_urls([], policy=NetworkPolicy(allow_private), resolver=no_dns) == []
 
 
 def test_check_url_agrees_with_check_urls():
     urls = [http_url(h) for h in FAKE_DNS] + ["ftp://x.test/a", "", http_url("10.0.0.1")]
-    one_by_one = [check_url(u, allow_private_networks=False, resolver=fake_dns) for u in urls]
-    assert check_urls(urls, allow_private_networks=False, resolver=fake_dns) == one_by_one
+    one_by_one = [check_url(u, policy=NetworkPolicy(), resolver=fake_dns) for u in urls]
+    assert check_urls(urls, policy=NetworkPolicy(), resolver=fake_dns) == one_by_one
