@@ -54,9 +54,7 @@ def check_columns(spec: InputSpec) -> None:
             )
 
 
-def prepare(
-    spec: InputSpec, policy: NetworkPolicy, out: Location, fingerprint: str, downloaded: bool
-) -> int:
+def prepare(spec: InputSpec, policy: NetworkPolicy, out: Location, fingerprint: str, downloaded: bool) -> int:
     """Write img2dataset's input list to `out`; return the number of input rows.
 
     `fingerprint` covers the spec's input and download settings; the URL list's size and time

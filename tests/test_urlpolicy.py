@@ -55,9 +55,7 @@ def private_message(host: str, address: str) -> str:
 )  # fmt: skip
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_private_literal_addresses_are_blocked_without_dns(host, scheme):
-    verdict = check_url(
-        http_url(f"{host}:8080", scheme=scheme), policy=NetworkPolicy(), resolver=no_dns
-    )
+    verdict = check_url(http_url(f"{host}:8080", scheme=scheme), policy=NetworkPolicy(), resolver=no_dns)
     assert verdict is not None
     assert verdict.fate == Fate.BLOCKED
     bare = host.strip("[]")
@@ -69,10 +67,7 @@ def test_private_literal_addresses_are_blocked_without_dns(host, scheme):
 )
 @pytest.mark.parametrize("suffix", ["/a.jpg", ":8443/a.jpg?x=1", "/"])
 def test_public_literal_addresses_pass_without_dns(host, suffix):
-    assert (
-        check_url(http_url(host, suffix, scheme="https"), policy=NetworkPolicy(), resolver=no_dns)
-        is None
-    )
+    assert check_url(http_url(host, suffix, scheme="https"), policy=NetworkPolicy(), resolver=no_dns) is None
 
 
 # --- names: every address they resolve to must be public ---------------------------------------------
@@ -110,9 +105,7 @@ def test_names_are_looked_up_lowercased_and_without_port_or_credentials():
         asked.append(host)
         return ["10.1.2.3"]
 
-    verdict = check_url(
-        http_url("user:pw@InTraNet.TEST:8080"), policy=NetworkPolicy(), resolver=resolver
-    )
+    verdict = check_url(http_url("user:pw@InTraNet.TEST:8080"), policy=NetworkPolicy(), resolver=resolver)
     assert asked == ["intranet.test"]
     assert verdict is not None and verdict.fate == Fate.BLOCKED
 
@@ -121,7 +114,9 @@ def test_localhost_is_blocked_by_the_real_resolver():
     verdict = check_url(http_url("localhost:8000"), policy=NetworkPolicy())
     assert verdict is not None
     assert verdict.fate == Fate.BLOCKED
-    assert verdict.error.startswith("host localhost: ") and verdict.error.endswith(" is a private, loopback or link-local address")
+    assert verdict.error.startswith("host localhost: ") and verdict.error.endswith(
+        " is a private, loopback or link-local address"
+    )
 
 
 # --- syntax and scheme: no network needed, the same whatever the private-network setting -------------
