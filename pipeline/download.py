@@ -6,16 +6,24 @@ its done marker: re-running skips shards that have one (`incremental_mode`). Sha
 `i * shard_size ...` of `_input.parquet`, in order. Both are given to img2dataset as fsspec URIs
 (plain paths locally), which it opens itself: on an object store its incremental mode lists the
 stats files there, and its `_tmp` staging directory lives under `downloads/` too.
+
+img2dataset's distributor sends its `Downloader` to each worker; capfilt hands it over wrapped
+(`_GuardedDownloader`), so that on the worker, for the duration of a shard, every fetch goes through
+`fetch_guard` and every image through `image_guard`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import JobSpec
+from pipeline.fetch_guard import FetchGuard
+from pipeline.image_guard import GuardedResizer, ImageGuard
 from pipeline.layout import OutputLayout
 from pipeline.url_list import CARRIED_COLUMNS
 
@@ -63,11 +71,59 @@ class DownloadStage:
     def run(self, distributor: str) -> None:
         import img2dataset
 
-        with _keep_sigint_handler():
+        guards = _Guards(FetchGuard.of(self.spec.download), ImageGuard(self.spec.download.max_image_pixels))
+        with _keep_sigint_handler(), _guarded_distributors(guards):
             try:
                 img2dataset.download(**self.arguments(), distributor=distributor)
             except SystemExit as exit_:  # img2dataset's SIGINT handler exits with status 0
                 raise KeyboardInterrupt("download interrupted") from exit_
+
+
+@dataclass(frozen=True)
+class _Guards:
+    fetch: FetchGuard
+    image: ImageGuard
+
+
+@dataclass(frozen=True)
+class _GuardedDownloader:
+    """img2dataset's `Downloader`, run with the guards installed in the worker that runs it."""
+
+    downloader: Any
+    guards: _Guards
+
+    def __call__(self, shard: Any) -> Any:
+        if not isinstance(self.downloader.resizer, GuardedResizer):
+            self.downloader.resizer = GuardedResizer(self.downloader.resizer, self.guards.image)
+        with self.guards.fetch.installed(), self.guards.image.installed():
+            return self.downloader(shard)
+
+
+# img2dataset.download picks its distributor function by name from its `main` module, each called
+# as fn(processes_count, downloader, reader, subjob_size, max_shard_retry).
+_DISTRIBUTORS = ("ray_distributor", "multiprocessing_distributor")
+
+
+@contextlib.contextmanager
+def _guarded_distributors(guards: _Guards) -> Iterator[None]:
+    """While img2dataset.download runs here, its distributors ship the guarded downloader."""
+    img2dataset_main = importlib.import_module("img2dataset.main")  # the package's `main` is a function
+
+    originals = {name: getattr(img2dataset_main, name) for name in _DISTRIBUTORS}
+
+    def guarded(original: Callable[..., Any]) -> Callable[..., Any]:
+        def distribute(processes_count: int, downloader: Any, *rest: Any) -> Any:
+            return original(processes_count, _GuardedDownloader(downloader, guards), *rest)
+
+        return distribute
+
+    for name, original in originals.items():
+        setattr(img2dataset_main, name, guarded(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(img2dataset_main, name, original)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,8 @@ these exact bytes (and is re-checked by ``tests/test_sample_web.py``), not by gu
 from __future__ import annotations
 
 import io
+import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -37,6 +39,8 @@ class Route:
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()  # e.g. (("Content-Type", "image/jpeg"),)
     stall_s: float = 0.0  # sleep before answering, to exercise client timeouts
+    trickle_s: float = 0.0  # send the body a byte at a time, this long apart (no read ever times out)
+    reset: bool = False  # answer nothing: close the connection with a TCP reset
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -51,14 +55,18 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 class StaticSite:
-    """Threaded HTTP server bound to 127.0.0.1 on a free port, serving a dict of path -> Route.
+    """Threaded HTTP server on a free port of 127.0.0.1 (or another loopback address), serving a dict of
+    path -> Route.
 
     Routes are matched on the URL path only (a query string is ignored), unknown paths get 404, and
     requests are counted per path so tests can prove that a path was *never* fetched (e.g. after a
     stage should have skipped it). Works as a context manager or via ``start()``/``stop()``.
     """
 
-    def __init__(self, routes: dict[str, Route]) -> None:
+    def __init__(self, routes: dict[str, Route], host: str = "127.0.0.1") -> None:
+        if not host.startswith("127."):
+            raise ValueError(f"StaticSite serves on loopback only (127.0.0.0/8), not {host}")
+        self.host = host
         self._routes: dict[str, Route] = dict(routes)
         self._hits: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -88,25 +96,40 @@ class StaticSite:
                     route = Route(404, b"not found", (("Content-Type", "text/plain"),))
                 if route.stall_s > 0:
                     time.sleep(route.stall_s)
+                if route.reset:
+                    linger = struct.pack("ii", 1, 0)  # on, 0 s: close() sends RST, not FIN
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                    self.connection.close()
+                    self.close_connection = True
+                    return
                 try:
                     self.send_response(route.status)
                     names = {name.lower() for name, _ in route.headers}
                     for name, value in route.headers:
                         self.send_header(name, value)
-                    if "content-length" not in names:  # a route may lie about its length on purpose
+                    if not {"content-length", "transfer-encoding"} & names:  # a route may lie on purpose
                         self.send_header("Content-Length", str(len(route.body)))
                     self.end_headers()
                     if self.command != "HEAD":
-                        self.wfile.write(route.body)
+                        self._send_body(route)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (e.g. timed out during a stall)
 
             do_HEAD = do_GET
 
+            def _send_body(self, route: Route) -> None:
+                if route.trickle_s <= 0:
+                    self.wfile.write(route.body)
+                    return
+                for i in range(len(route.body)):
+                    self.wfile.write(route.body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(route.trickle_s)
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet: tests and the demo should not spray one stderr line per request
 
-        self._server = _QuietServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer((self.host, 0), Handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="sample-web", daemon=True
         )
@@ -132,7 +155,7 @@ class StaticSite:
     def base_url(self) -> str:
         if self._server is None:
             raise RuntimeError("StaticSite is not running; call start() or use it as a context manager")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://{self.host}:{self._server.server_address[1]}"
 
     def url(self, path: str) -> str:
         return self.base_url + (path if path.startswith("/") else "/" + path)
@@ -199,7 +222,9 @@ def hostile_pairs(seed: int = 0) -> list[SamplePair]:
 
     Notes from running the real Resizer (OpenCV 4.14): *any* truncated JPEG fails to decode (even at
     99% of its bytes), so 40% is kept; a 16-bit PNG decodes but img2dataset's JPEG re-encode saturates
-    it to near-white, so it is "ok" for the downloader yet useless to the captioner.
+    it to near-white, so it is "ok" for the downloader yet useless to the captioner, unless capfilt's
+    `image_guard` makes it 8-bit first (as a capfilt job does). The full catalogue, with the cases
+    that depend on a job's limits, is tests/test_hostile_web.py.
     """
     scenes = [render_scene(seed * 100_003 + 50_000 + k) for k in range(6)]
     jpeg = jpeg_bytes(scenes[0][0])

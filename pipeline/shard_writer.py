@@ -25,6 +25,7 @@ from pipeline.chunks import Chunk
 from pipeline.decide import candidates, decide
 from pipeline.download import DOWNLOADED, OPT_OUT_ERROR, UNDECODABLE
 from pipeline.fates import Fate, count_fates
+from pipeline.fetch_guard import BLOCKED
 from pipeline.layout import OutputLayout, write_json_atomically
 from pipeline.records import SHARD_SCHEMA
 from pipeline.resources import Resources
@@ -134,12 +135,10 @@ class ShardWriter:
             return {**record, "status": Fate.DECODE_FAILED.value, "error": row["error_message"]}
         if status != DOWNLOADED:
             error = row["error_message"] or status
-            fate = Fate.BLOCKED if error == OPT_OUT_ERROR else Fate.DOWNLOAD_FAILED
-            return {
-                **record,
-                "status": fate.value,
-                "error": f"opt-out: {error}" if fate == Fate.BLOCKED else error,
-            }
+            if error == OPT_OUT_ERROR:
+                return {**record, "status": Fate.BLOCKED.value, "error": f"opt-out: {error}"}
+            fate = Fate.BLOCKED if error.startswith(BLOCKED) else Fate.DOWNLOAD_FAILED
+            return {**record, "status": fate.value, "error": error}
         if scores is None:
             raise RuntimeError(f"row {row['key']} was downloaded but never scored")
         record.update(width=row["width"], height=row["height"], sha256=row["sha256"])

@@ -1,0 +1,208 @@
+"""What a download may connect to and what it may bring back, enforced inside the HTTP client.
+
+`urlpolicy` judges each URL of the list before the download, which spares a request per blocked row
+but cannot see what happens later: a redirect to an intranet host, a DNS answer that changes between
+the check and the fetch, a body of gigabytes, a server that trickles a byte a second so that no single
+read ever times out. img2dataset fetches with `urllib.request.urlopen`, which uses the process's
+installed opener; `FetchGuard.installed()` puts in one that
+- connects only to addresses the job's `NetworkPolicy` allows: each name is resolved once per
+  connection, every address is checked, and the socket is opened to those very addresses, so what
+  was checked is what is connected to (redirect hops included: each one is a new connection);
+- checks a redirect's target before following it, so the row's error names the redirect;
+- speaks http and https only (no file, ftp or data handlers) and ignores proxy variables, since a
+  proxy would hide the address really fetched;
+- stops reading a body past `max_body_bytes`, or `timeout` seconds after the request was sent.
+
+A refused connection raises `Refused`, whose text starts with `BLOCKED` and becomes the row's
+`error` (img2dataset records `str(err)`); the writer gives such rows the fate `blocked`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.client
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin
+
+from pipeline.config import DownloadSpec
+from pipeline.urlpolicy import NetworkPolicy, check_url
+
+BLOCKED = "blocked: "
+_READ_SIZE = 1 << 16
+
+
+class Refused(Exception):
+    """A connection the policy forbids. Not an OSError: urllib wraps those in URLError, and this one's
+    message must reach the row's `error` as it is."""
+
+
+@dataclass(frozen=True)
+class FetchGuard:
+    policy: NetworkPolicy
+    max_body_bytes: int
+    timeout: float
+
+    @classmethod
+    def of(cls, download: DownloadSpec) -> FetchGuard:
+        return cls(NetworkPolicy.of(download), download.max_body_bytes, download.timeout)
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        opener = urllib.request.OpenerDirector()
+        for handler in (
+            _GuardedHTTPHandler(self.policy),
+            _GuardedHTTPSHandler(self.policy),
+            _GuardedRedirects(self.policy),
+            _BodyLimit(self.max_body_bytes, self.timeout),
+            urllib.request.HTTPDefaultErrorHandler(),
+            urllib.request.HTTPErrorProcessor(),
+            urllib.request.UnknownHandler(),
+        ):
+            opener.add_handler(handler)
+        return opener
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """`urlopen` in this process goes through the guard until the block ends."""
+        previous = getattr(urllib.request, "_opener", None)
+        urllib.request.install_opener(self.opener())
+        try:
+            yield
+        finally:
+            urllib.request.install_opener(previous)
+
+
+def connect_checked(
+    policy: NetworkPolicy, address: tuple[str, int], timeout: Any = None, source_address: Any = None, **_: Any
+) -> socket.socket:
+    """`socket.create_connection`, but to allowed addresses only; any refused address refuses the host,
+    as in `urlpolicy` (a name is as safe as its worst address)."""
+    host, port = address
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    for *_rest, sockaddr in infos:
+        refusal = policy.refusal(sockaddr[0])
+        if refusal is not None:
+            raise Refused(f"{BLOCKED}host {host}: {refusal}")
+    errors: list[OSError] = []
+    for family, kind, proto, _name, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            if isinstance(timeout, int | float):
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as err:
+            sock.close()
+            errors.append(err)
+    raise errors[-1] if errors else OSError(f"{host} resolved to no address")
+
+
+class _GuardedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, policy: NetworkPolicy, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = functools.partial(connect_checked, policy)
+
+
+class _GuardedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, policy: NetworkPolicy, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = functools.partial(connect_checked, policy)
+
+
+class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, policy: NetworkPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_GuardedHTTPConnection, policy=self.policy), req)
+
+
+class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, policy: NetworkPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        connection = functools.partial(_GuardedHTTPSConnection, policy=self.policy)
+        return self.do_open(connection, req, context=self._context)
+
+
+class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects to ftp too and checks no address; this refuses, before any connection,
+    any target the URL list itself could not contain (`urlpolicy.check_url`)."""
+
+    def __init__(self, policy: NetworkPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def http_error_302(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
+        target = headers.get("location") or headers.get("uri")
+        if target:
+            newurl = urljoin(req.full_url, target)
+            verdict = check_url(newurl, self.policy)
+            if verdict is not None:
+                fp.close()
+                raise Refused(f"{BLOCKED}redirect to {newurl}: {verdict.error}")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+class _BodyLimit(urllib.request.BaseHandler):
+    """Every response's `read()` stops at `max_bytes` and `timeout` seconds after the request.
+
+    The socket timeout bounds each read, not the whole body: a server sending a byte every second
+    would hold a download thread for ever. Reading with `read1` returns what has arrived, so the
+    deadline is checked between arrivals."""
+
+    handler_order = 100  # before HTTPErrorProcessor: redirect hops are bounded too
+
+    def __init__(self, max_bytes: int, timeout: float) -> None:
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+
+    def http_request(self, req: urllib.request.Request) -> urllib.request.Request:
+        req.capfilt_sent_at = time.monotonic()  # type: ignore[attr-defined]
+        return req
+
+    def http_response(self, req: urllib.request.Request, response: Any) -> Any:
+        declared = response.headers.get("Content-Length", "")
+        if declared.strip().isdigit() and int(declared) > self.max_bytes:
+            response.close()
+            raise ValueError(self._too_large(f"it declares {int(declared)} bytes"))
+        deadline = getattr(req, "capfilt_sent_at", time.monotonic()) + self.timeout
+        response.read = functools.partial(self._read_whole, response, deadline)
+        return response
+
+    https_request = http_request
+    https_response = http_response
+
+    def _read_whole(self, response: http.client.HTTPResponse, deadline: float, amt: Any = None) -> bytes:
+        """The body, whole (`amt` is ignored: img2dataset reads whole bodies, and so does this)."""
+        chunks, size = [], 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out: the body took longer than {self.timeout:g} s to arrive")
+            chunk = response.read1(_READ_SIZE)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > self.max_bytes:
+                response.close()
+                raise ValueError(self._too_large(f"more than {self.max_bytes} bytes arrived"))
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if response.length:  # the connection closed before the declared Content-Length arrived
+            raise http.client.IncompleteRead(body, response.length)
+        return body
+
+    def _too_large(self, why: str) -> str:
+        return f"body over download.max_body_bytes ({self.max_bytes}): {why}"
