@@ -416,6 +416,20 @@ def test_the_connection_itself_is_refused_for_a_denied_address_even_without_a_ur
         assert denied.total_hits == 0
 
 
+def test_a_name_is_checked_by_the_addresses_it_resolves_to_when_connecting():
+    """The DNS path of the same check: `localhost` is looked up as the socket is opened (a rebinding
+    name would be caught here, whatever it resolved to when the list was checked)."""
+    with StaticSite({"/a.jpg": _ok(JPEG)}) as site:
+        url = site.url("/a.jpg").replace("127.0.0.1", "localhost")
+        guard = FetchGuard(NetworkPolicy(True, (), ("127.0.0.0/8", "::1/128")), MAX_BODY_BYTES, TIMEOUT_S)
+        with pytest.raises(Exception, match="blocked: host localhost: .* is in denied network"):
+            guard.opener().open(url, timeout=TIMEOUT_S)
+        assert site.total_hits == 0
+        allowed = FetchGuard(NetworkPolicy(True), MAX_BODY_BYTES, TIMEOUT_S)
+        with allowed.opener().open(site.url("/a.jpg"), timeout=TIMEOUT_S) as response:
+            assert response.read() == JPEG
+
+
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/a.jpg", "data:image/png;base64,AAAA"])
 def test_the_guarded_opener_speaks_http_and_https_only(url):
     import urllib.error
@@ -423,3 +437,15 @@ def test_the_guarded_opener_speaks_http_and_https_only(url):
     guard = FetchGuard(NetworkPolicy(True), MAX_BODY_BYTES, TIMEOUT_S)
     with pytest.raises(urllib.error.URLError, match="unknown url type"):
         guard.opener().open(url, timeout=TIMEOUT_S)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [JPEG, _half_transparent_png(), _gif_first_red_then_green(), _encode(SCENE[0], "WEBP"), HTML, b""],
+    ids=["jpeg", "png-alpha", "gif", "webp", "html", "empty"],
+)
+def test_what_needs_no_fixing_reaches_the_decoder_as_it_came(body):
+    """Only bombs, EXIF-turned and 16-bit images are touched: the common case costs a header parse."""
+    from pipeline.image_guard import ImageGuard
+
+    assert ImageGuard(MAX_IMAGE_PIXELS).prepare(body) is body

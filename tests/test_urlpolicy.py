@@ -228,3 +228,42 @@ def test_check_url_agrees_with_check_urls():
     urls = [http_url(h) for h in FAKE_DNS] + ["ftp://x.test/a", "", http_url("10.0.0.1")]
     one_by_one = [check_url(u, policy=NetworkPolicy(), resolver=fake_dns) for u in urls]
     assert check_urls(urls, policy=NetworkPolicy(), resolver=fake_dns) == one_by_one
+
+
+# --- denied and allowed networks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "address", "refused"),
+    [
+        (NetworkPolicy(), "8.8.8.8", None),
+        (NetworkPolicy(), "10.1.2.3", "10.1.2.3 is a private, loopback or link-local address"),
+        (NetworkPolicy(allowed_networks=("10.1.0.0/16",)), "10.1.2.3", None),
+        (NetworkPolicy(allowed_networks=("10.1.0.0/16",)), "10.2.0.1", "10.2.0.1 is a private, loopback or link-local address"),
+        (NetworkPolicy(True, denied_networks=("10.0.0.0/8",)), "10.1.2.3", "10.1.2.3 is in denied network 10.0.0.0/8"),
+        (NetworkPolicy(True, denied_networks=("10.0.0.0/8",)), "192.168.0.1", None),
+        (NetworkPolicy(denied_networks=("8.8.8.0/24",)), "8.8.8.8", "8.8.8.8 is in denied network 8.8.8.0/24"),
+        (NetworkPolicy(allowed_networks=("10.0.0.0/8",), denied_networks=("10.9.0.0/16",)), "10.9.1.1", "10.9.1.1 is in denied network 10.9.0.0/16"),
+        (NetworkPolicy(denied_networks=("10.0.0.0/8",)), "::ffff:10.1.1.1", "::ffff:10.1.1.1 is in denied network 10.0.0.0/8"),
+        (NetworkPolicy(allowed_networks=("fd00::/8",)), "fd12::1", None),
+        (NetworkPolicy(True, denied_networks=("127.0.0.2/32",)), "127.0.0.1", None),
+        (NetworkPolicy(True, denied_networks=("127.0.0.2/32",)), "127.0.0.2", "127.0.0.2 is in denied network 127.0.0.2/32"),
+    ],
+)  # fmt: skip
+def test_a_denied_network_wins_and_an_allowed_one_opens_only_itself(policy, address, refused):
+    assert policy.refusal(address) == refused
+
+
+def test_a_denied_network_makes_names_resolve_even_when_private_networks_are_allowed():
+    asked = []
+
+    def resolver(host):
+        asked.append(host)
+        return ["10.1.1.1"]
+
+    policy = NetworkPolicy(True, denied_networks=("10.0.0.0/8",))
+    verdict = check_url("http://intranet.test/a.jpg", policy=policy, resolver=resolver)
+    assert asked == ["intranet.test"]
+    assert verdict is not None and verdict.fate == Fate.BLOCKED
+    assert verdict.error == "host intranet.test: 10.1.1.1 is in denied network 10.0.0.0/8"
+    assert check_url("http://intranet.test/a.jpg", policy=NetworkPolicy(True), resolver=no_dns) is None
