@@ -20,7 +20,7 @@ import socket
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pipeline.config import DownloadSpec
 from pipeline.fates import Fate
@@ -120,7 +120,36 @@ def check_syntax(url: object) -> Verdict | None:
         return Verdict(Fate.BLOCKED, f"scheme {parts.scheme!r} is not allowed (http and https only)")
     if not hostname:
         return Verdict(Fate.INVALID_INPUT, "not a url: no host")
+    try:
+        ascii_url(url)
+    except UnicodeError as err:
+        return Verdict(Fate.INVALID_INPUT, f"not a url: its host cannot be written in IDNA: {err}")
     return None
+
+
+# Every printable ASCII character but the space stays as it is: only what is not ASCII is encoded.
+_KEEP = "".join(chr(c) for c in range(33, 127))
+
+
+def ascii_url(url: str) -> str:
+    """The URL as a browser sends it: a non-ASCII host in IDNA, any other non-ASCII character
+    percent-encoded as UTF-8. urllib sends ASCII only and fails the rest; web lists hold such URLs.
+    Raises UnicodeError when the host cannot be encoded (`check_syntax` makes that `invalid_input`)."""
+    url = url.strip()
+    if url.isascii():
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = host.encode("idna").decode("ascii") if not host.isascii() else host
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    userinfo = parts.netloc.rpartition("@")[0]
+    if userinfo:
+        netloc = f"{quote(userinfo, safe=_KEEP)}@{netloc}"
+    path, query, fragment = (quote(p, safe=_KEEP) for p in (parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, path, query, fragment))
 
 
 def check_url(url: object, policy: NetworkPolicy, resolver: Resolver = resolve) -> Verdict | None:

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from pipeline.fates import Fate
-from pipeline.urlpolicy import NetworkPolicy, check_url, check_urls
+from pipeline.urlpolicy import NetworkPolicy, ascii_url, check_url, check_urls
 
 
 def http_url(host: str, path: str = "/a.jpg", scheme: str = "http") -> str:
@@ -267,3 +267,29 @@ def test_a_denied_network_makes_names_resolve_even_when_private_networks_are_all
     assert verdict is not None and verdict.fate == Fate.BLOCKED
     assert verdict.error == "host intranet.test: 10.1.1.1 is in denied network 10.0.0.0/8"
     assert check_url("http://intranet.test/a.jpg", policy=NetworkPolicy(True), resolver=no_dns) is None
+
+
+# --- non-ASCII URLs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "sent"),
+    [
+        ("http://cdn.test/a.jpg?x=1#top", "http://cdn.test/a.jpg?x=1#top"),
+        ("  http://cdn.test/a%20b.jpg  ", "http://cdn.test/a%20b.jpg"),
+        ("http://cdn.test/café/naïve.jpg", "http://cdn.test/caf%C3%A9/na%C3%AFve.jpg"),
+        ("http://cdn.test/a.jpg?q=日本", "http://cdn.test/a.jpg?q=%E6%97%A5%E6%9C%AC"),
+        ("https://bücher.test:8443/ä.png", "https://xn--bcher-kva.test:8443/%C3%A4.png"),
+        ("http://üser:pä@cdn.test/a.jpg", "http://%C3%BCser:p%C3%A4@cdn.test/a.jpg"),
+        ("http://[::1]:8080/é", "http://[::1]:8080/%C3%A9"),
+    ],
+)
+def test_non_ascii_urls_are_sent_as_a_browser_sends_them(url, sent):
+    assert ascii_url(url) == sent
+    assert check_url(url, policy=NetworkPolicy(True), resolver=no_dns) is None
+
+
+def test_a_host_that_idna_cannot_encode_is_invalid_input():
+    verdict = check_url("http://" + "ü" * 70 + ".test/a.jpg", policy=NetworkPolicy(True), resolver=no_dns)
+    assert verdict is not None and verdict.fate == Fate.INVALID_INPUT
+    assert verdict.error.startswith("not a url: its host cannot be written in IDNA: ")
