@@ -184,13 +184,18 @@ class _Models:
 
     @classmethod
     def load(cls, captioner_name: str, itm_name: str) -> _Models:
+        """Both models and processors, by hub name or directory. Weights load from safetensors only:
+        a pickle checkpoint (`pytorch_model.bin`) runs code when unpickled, so it is refused here
+        even when `model_check` did not see it (a hub model); no model's own code is run either."""
         import torch
         from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        captioner = BlipForConditionalGeneration.from_pretrained(captioner_name, dtype=dtype)
-        itm_model = BlipForImageTextRetrieval.from_pretrained(itm_name, dtype=dtype)
+        captioner = BlipForConditionalGeneration.from_pretrained(
+            captioner_name, dtype=dtype, use_safetensors=True
+        )
+        itm_model = BlipForImageTextRetrieval.from_pretrained(itm_name, dtype=dtype, use_safetensors=True)
         for model in (captioner, itm_model):
             try:
                 from pipeline.attention import use_sdpa
@@ -200,9 +205,9 @@ class _Models:
                 print(f"capfilt: {type(model).__name__} keeps eager attention: {err}", flush=True)
         return cls(
             captioner.to(device).eval(),
-            AutoProcessor.from_pretrained(captioner_name),
+            AutoProcessor.from_pretrained(captioner_name, use_safetensors=True),
             itm_model.to(device).eval(),
-            AutoProcessor.from_pretrained(itm_name),
+            AutoProcessor.from_pretrained(itm_name, use_safetensors=True),
             device,
             dtype,
         )

@@ -17,6 +17,10 @@ DEMO_ROWS = 300  # 29 s on 2 cores (README: `time capfilt demo`)
 
 USAGE_ERROR = 2
 JOBS_API_HELP = "the cluster's Jobs API, e.g. http://HEAD:8265; default RAY_ADDRESS"
+OVERWRITE_HELP = (
+    "delete everything in output.path first and start afresh, instead of resuming or refusing a "
+    "directory that holds other files (never /, the home or the working directory)"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_job
     from pipeline.summary import format_summary
 
-    result = run_job(spec, address=args.address or os.environ.get("RAY_ADDRESS"))
+    result = run_job(spec, address=args.address or os.environ.get("RAY_ADDRESS"), overwrite=args.overwrite)
     print(format_summary(result.manifest, spec.output.path))
     return 0 if result.complete else 1
 
@@ -53,7 +57,7 @@ def _submit(args: argparse.Namespace) -> int:
     elif not is_uri(spec.input.url_list):
         print(f"capfilt: note: {spec.input.url_list} is not on this machine; the cluster must see it there",
               file=sys.stderr)  # fmt: skip
-    job_id = submit(spec, args.address)
+    job_id = submit(spec, args.address, overwrite=args.overwrite)
     print(job_id)
     print(f"follow it: capfilt logs {job_id} --follow; output: {spec.output.path}", file=sys.stderr)
     return 0
@@ -203,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="job spec YAML")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
     run.add_argument("--address", help="Ray address of a running cluster")
+    run.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     run.set_defaults(handler=_run)
 
     submit = commands.add_parser(
@@ -211,6 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("job", help="job spec YAML (validated here, shipped to the cluster)")
     submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
     submit.add_argument("--address", help=JOBS_API_HELP)
+    submit.add_argument("--overwrite", action="store_true", help=f"{OVERWRITE_HELP} (on the cluster)")
     submit.set_defaults(handler=_submit)
     for name, handler, about in (
         ("status", _status, "a submitted job's status (exit 1 if it failed or was stopped)"),

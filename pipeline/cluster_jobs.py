@@ -2,10 +2,12 @@
 
 What travels with a submission is the job spec alone: validated here first, its local paths made
 absolute, written as `job.yaml` into a fresh directory that Ray ships as the job's `working_dir`;
-the entrypoint is `capfilt run job.yaml` on the head node. The capfilt package itself is not
-shipped: every node runs the cluster image (Dockerfile), which has it installed, because the
-workers import the stages and must run the code the spec was validated against. So the paths in
-the spec must name storage that the head and the workers see at the same place.
+the entrypoint is `capfilt run job.yaml` on the head node, with `--overwrite` when submitted
+with it (the output directory is checked, emptied and locked there, where it is written). The
+capfilt package itself is not shipped: every node runs the cluster image (Dockerfile), which has it
+installed, because the workers import the stages and must run the code the spec was validated
+against. So the paths in the spec must name storage that the head and the workers see at the same
+place.
 
 The Jobs API address is `--address`, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS (as for Ray's own
 CLI), else the cluster that `ray start` last started on this machine.
@@ -37,17 +39,22 @@ class ClusterError(RuntimeError):
     """The Jobs API could not be reached or refused a request; the message says which and where."""
 
 
-def submit(spec: JobSpec, address: str | None) -> str:
+def submit(spec: JobSpec, address: str | None, overwrite: bool = False) -> str:
     """Submit `spec` (its paths as the cluster is to see them: absolute, or object-store URIs);
-    returns the Ray job (submission) id."""
+    returns the Ray job (submission) id. `overwrite`: the job empties its output first."""
     with jobs_client(address) as client, tempfile.TemporaryDirectory(prefix="capfilt-submit-") as staging:
         Path(staging, "job.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
         return client.submit_job(
-            entrypoint=ENTRYPOINT,
+            entrypoint=entrypoint(overwrite),
             # The driver's `ray.init` adds the workers' environment; naming it here too is a conflict.
             runtime_env={"working_dir": staging},
             metadata={"capfilt_version": __version__, "output": spec.output.path},
         )
+
+
+def entrypoint(overwrite: bool) -> str:
+    """The command the cluster runs: the output directory's rules apply there, where it is written."""
+    return f"{ENTRYPOINT} --overwrite" if overwrite else ENTRYPOINT
 
 
 def status(job_id: str, address: str | None) -> dict[str, Any]:

@@ -27,7 +27,40 @@ DEFAULT_DISALLOWED_HEADER_DIRECTIVES = ("noai", "noimageai", "noindex", "noimage
 
 
 class SpecError(ValueError):
-    """A job spec problem, as one line that names where it is."""
+    """A job spec problem, as one line that names where it is (a line break in a key or value it
+    quotes is written as an escape, so the line stays one)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a job spec has no use for `&anchor`/`*alias`, and with
+    them a few hundred bytes expand to gigabytes ("billion laughs") or a value contains itself."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a spec", mark)
+        return super().compose_node(parent, index)
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        """PyYAML raises plain ValueError, KeyError… for a bad explicit tag (`!!float high`): here they
+        become YAML errors, with the line and column they are at."""
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except Exception as err:
+            problem = f"{node.tag} {node.value!r} cannot be read: {type(err).__name__}: {err}"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
+def _parse_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_SpecLoader)  # a SafeLoader: plain data only
+    except yaml.YAMLError as err:
+        raise SpecError(f"not valid YAML: {' '.join(str(err).split())}") from None
 
 
 @dataclass(frozen=True)
@@ -171,10 +204,7 @@ def load_spec(
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"{path}: cannot read the job spec: {' '.join(str(err).split())}") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-    try:
+        raw = _parse_yaml(text)
         raw = raw if raw is not None else {}
         return spec_from_dict(raw, overrides) if check_files else typed_spec(raw, overrides)
     except SpecError as err:
@@ -193,7 +223,7 @@ def typed_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec
     back from its manifest (its URL list may be long gone)."""
     if not isinstance(raw, dict):
         raise SpecError(f"the spec must be a mapping of sections, not {type(raw).__name__}")
-    raw = json.loads(json.dumps(raw, default=str))  # deep copy; dates and the like become strings
+    raw = _plain(raw)  # a copy that holds JSON's types only
     for item in overrides:
         _apply_override(raw, item)
     _validate(raw)
@@ -212,10 +242,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key.strip():
         raise SpecError(f"--set {item!r}: expected key.path=value")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = _plain(_parse_yaml(text), key.strip())  # as in a spec file: dates become strings
+    except SpecError:
         value = text
-    value = json.loads(json.dumps(value, default=str))  # as in a spec file: dates become strings
     if isinstance(value, str) and not text.strip().startswith(("'", '"')):
         value = text  # YAML would strip it: "captioner.prompt=a picture of " keeps its space
     *parents, leaf = key.strip().split(".")
@@ -226,6 +255,36 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise SpecError(f"--set {key}: {'.'.join(parents[: i + 1])} is not a section")
         node = child
     node[leaf] = value
+
+
+_MAX_INTEGER = 2**63  # no setting needs more; a 5000-digit one cannot even be printed
+
+
+def _plain(value: Any, where: str = "") -> Any:
+    """`value` with JSON's types only, as a schema validates: mapping keys become strings (YAML allows
+    numbers, dates, even binary keys), dates and other YAML scalars strings; a SpecError names where
+    an integer is out of range."""
+    if isinstance(value, dict):
+        plain = {}
+        for key, item in value.items():
+            name = _plain_key(key, where)
+            plain[name] = _plain(item, f"{where}.{name}" if where else name)
+        return plain
+    if isinstance(value, list | tuple):
+        return [_plain(item, f"{where}.{i}" if where else str(i)) for i, item in enumerate(value)]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _MAX_INTEGER:
+        raise SpecError(f"{where or '(top level)'}: integer out of range (at most 2**63 - 1 in size)")
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def _plain_key(key: Any, where: str) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, int) and not isinstance(key, bool) and abs(key) >= _MAX_INTEGER:
+        raise SpecError(f"{where or '(top level)'}: a key is an integer out of range")
+    return json.dumps(key) if key is None or isinstance(key, bool | int | float) else str(key)
 
 
 def _is_integer(_checker: Any, instance: Any) -> bool:

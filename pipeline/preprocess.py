@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.chunks import Chunk
+from pipeline.config import SpecError
+from pipeline.messages import one_line
 from pipeline.resources import Resources
 from pipeline.timings import stopwatch
 
@@ -27,11 +29,18 @@ class PreprocessStage:
 
     @classmethod
     def for_model(cls, model: str) -> PreprocessStage:
-        """The input size the captioner's image processor asks for (reads its config only)."""
+        """The input size the captioner's image processor asks for (reads its config only). A model
+        it cannot read (a hub name not found, no network, a size it does not state) is the spec's
+        error, in one line, not a traceback from transformers."""
         from transformers import AutoImageProcessor
 
-        size = AutoImageProcessor.from_pretrained(model).size
-        return cls(height=size["height"], width=size["width"])
+        try:
+            size = AutoImageProcessor.from_pretrained(model).size
+            return cls(height=int(size["height"]), width=int(size["width"]))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SpecError(
+                f"captioner.model: cannot read the image processor of {model}: {one_line(err)}"
+            ) from None
 
     def __call__(self, chunk: Chunk) -> Chunk:
         timing = {"preprocess_s": 0.0}

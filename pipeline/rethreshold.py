@@ -31,6 +31,7 @@ from typing import Any
 from pipeline.job_output import JobOutput, OutputError
 from pipeline.layout import OutputLayout, write_json_atomically
 from pipeline.manifest import build_manifest, check_accounting
+from pipeline.output_guard import claim_output
 from pipeline.shard_writer import ShardWriter, scores_from_records
 from pipeline.storage import Location, read_parquet
 
@@ -64,36 +65,36 @@ def rethreshold(source: JobOutput, threshold: float, target: str | Path | Locati
     )
     # Locally: built aside and renamed at the end. On an object store: in place, manifest last.
     work = OutputLayout(target.with_name(f".{target.name}.partial") if target.local else target)
-    work.root.rmtree()
-    work.root.mkdir()
-    if not target.local:  # first, so that only a prefix this wrote is ever started over
-        (work.root / IN_PROGRESS).write_text(source.layout.root.resolve().uri)
-    work.downloads.mkdir()
-    for path in source.layout.downloads.files():
-        path.link_to(work.downloads / path.name)
-    if source.layout.prepared_input.exists():
-        source.layout.prepared_input.link_to(work.prepared_input)
+    # Emptied and locked (`output_guard`): a second rethreshold into the same NEW is refused, not mixed in.
+    with claim_output(work.root, overwrite=True, key="--out", log=lambda _: None):
+        if not target.local:  # first, so that only a prefix this wrote is ever started over
+            (work.root / IN_PROGRESS).write_text(source.layout.root.resolve().uri)
+        work.downloads.mkdir()
+        for path in source.layout.downloads.files():
+            path.link_to(work.downloads / path.name)
+        if source.layout.prepared_input.exists():
+            source.layout.prepared_input.link_to(work.prepared_input)
 
-    writer = ShardWriter(work, threshold, spec.fingerprint())
-    # Writing a shard is Python-bound (a record per row), so shards go to worker processes.
-    jobs = [(writer, source.layout, name) for name in names]
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, len(names))), mp_context=spawn) as pool:
-        reports = dict(zip(names, pool.map(_rewrite, jobs), strict=True))
-    manifest = build_manifest(spec, source.input_rows, names, reports, {})
-    manifest["rethresholded_from"] = {
-        "path": source.layout.root.resolve().uri,
-        "threshold": source.threshold,
-    }
-    check_accounting(manifest)
-    write_json_atomically(work.manifest, manifest)
-    if target.local:
-        if target.exists():
-            os.rmdir(target)  # empty, checked above
-        work.root.rename(target)
-    else:
-        (work.root / IN_PROGRESS).unlink(missing_ok=True)
-    return manifest
+        writer = ShardWriter(work, threshold, spec.fingerprint())
+        # Writing a shard is Python-bound (a record per row), so shards go to worker processes.
+        jobs = [(writer, source.layout, name) for name in names]
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, len(names))), mp_context=spawn) as pool:
+            reports = dict(zip(names, pool.map(_rewrite, jobs), strict=True))
+        manifest = build_manifest(spec, source.input_rows, names, reports, {})
+        manifest["rethresholded_from"] = {
+            "path": source.layout.root.resolve().uri,
+            "threshold": source.threshold,
+        }
+        check_accounting(manifest)
+        write_json_atomically(work.manifest, manifest)
+        if target.local:
+            if target.exists():
+                os.rmdir(target)  # empty, checked above
+            work.root.rename(target)
+        else:
+            (work.root / IN_PROGRESS).unlink(missing_ok=True)
+        return manifest
 
 
 def _interrupted_here(target: Location) -> bool:

@@ -27,6 +27,8 @@ from pipeline.download import DownloadStage
 from pipeline.layout import OutputLayout, write_json_atomically
 from pipeline.manifest import build_manifest, check_accounting
 from pipeline.messages import one_line
+from pipeline.model_check import check_models
+from pipeline.output_guard import claim_output
 from pipeline.preprocess import PreprocessStage
 from pipeline.resources import Resources
 from pipeline.shard_writer import ShardWriter, scores_by_key
@@ -53,12 +55,25 @@ def run_job(
     address: str | None = None,
     log: Log = print,
     stage_type: type[CapFiltStage] = CapFiltStage,
+    overwrite: bool = False,
 ) -> JobResult:
     """Run (or resume) a job to the end and write its manifest. (`stage_type` is the seam where the
-    fault tests put a stage that fails on purpose.)"""
+    fault tests put a stage that fails on purpose.)
+
+    Before anything is written: the URL list's columns and the model directories are checked, and
+    the output is claimed (`output_guard`): refused when it holds what is not capfilt's, emptied
+    first under `overwrite`, and locked against another run until the manifest is written."""
     spec = spec.with_absolute_paths()
     layout = OutputLayout(spec.output.path)
     check_columns(spec.input)
+    check_models(spec)
+    preprocess = PreprocessStage.for_model(spec.captioner.model)  # a hub name resolves, or fails now
+    with claim_output(layout.root, overwrite, log=log):
+        return _run_claimed(spec, layout, address, log, stage_type, preprocess)
+
+
+def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, log: Log,
+                 stage_type: type[CapFiltStage], preprocess: PreprocessStage) -> JobResult:  # fmt: skip
     layout.root.mkdir()
     fingerprint = spec.fingerprint()
     with ray_session(address):
@@ -80,7 +95,7 @@ def run_job(
             f"{len(pending)} to caption and filter, {len(errors)} not downloaded")  # fmt: skip
         outcome = _Outcome()
         if pending:
-            outcome = _capfilt(spec, layout, pending, fingerprint, log, stage_type)
+            outcome = _capfilt(spec, layout, pending, fingerprint, log, stage_type, preprocess)
             reports.update(outcome.reports)
             errors.update(outcome.errors)
         outcome.timings.download_s = download_s
@@ -123,7 +138,7 @@ class _Outcome:
 
 
 def _capfilt(spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint: str, log: Log,
-             stage_type: type[CapFiltStage]) -> _Outcome:  # fmt: skip
+             stage_type: type[CapFiltStage], preprocess: PreprocessStage) -> _Outcome:  # fmt: skip
     import ray
 
     start, started_at = time.perf_counter(), time.time()
@@ -136,7 +151,6 @@ def _capfilt(spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint
     to_score = [name for name in shards if expected[name] > 0]
     if to_score:
         stage = stage_type(spec.captioner, spec.filter, _actor_resources(spec, log))
-        preprocess = PreprocessStage.for_model(spec.captioner.model)
         actors = spec.resources.actors or _actors_for(stage.resources)
         per_actor = f"{stage.resources.gpus} GPU and {stage.resources.cpus} CPU each"
         log(f"capfilt: {actors} CapFilt actor(s), {per_actor}")

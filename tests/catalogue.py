@@ -16,6 +16,7 @@ MODULES = ("tests.test_hostile_web", "tests.test_hostile_rows", "tests.test_user
 
 SCORED = "kept or filtered"  # the image reached the models; the ITM filter decides
 ERROR = "error before any work"  # a one-line `capfilt: error: …`, exit status 2
+RUNS = "runs"  # the job runs (an outcome may say more: "runs, resuming it")
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Case:
 
     name: str  # short id, also the pytest id
     given: str  # what the input is, in words
-    outcome: str  # a fate (`pipeline.fates.Fate`), SCORED or ERROR
+    outcome: str  # a fate (`pipeline.fates.Fate`), SCORED, ERROR, or RUNS and how
     says: str = ""  # a fragment the row's `error`, or the error message, contains
 
     @property
