@@ -422,7 +422,7 @@ def test_a_name_is_checked_by_the_addresses_it_resolves_to_when_connecting():
     with StaticSite({"/a.jpg": _ok(JPEG)}) as site:
         url = site.url("/a.jpg").replace("127.0.0.1", "localhost")
         guard = FetchGuard(NetworkPolicy(True, (), ("127.0.0.0/8", "::1/128")), MAX_BODY_BYTES, TIMEOUT_S)
-        with pytest.raises(Exception, match="blocked: host localhost: .* is in denied network"):
+        with pytest.raises(Exception, match=r"blocked: host localhost: .* is in denied network"):
             guard.opener().open(url, timeout=TIMEOUT_S)
         assert site.total_hits == 0
         allowed = FetchGuard(NetworkPolicy(True), MAX_BODY_BYTES, TIMEOUT_S)

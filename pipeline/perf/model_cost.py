@@ -135,8 +135,9 @@ class PlainLoop:
     def __init__(self, paths: TinyModelPaths, new_tokens: int, device: str) -> None:
         self.processor = AutoProcessor.from_pretrained(paths.captioner)
         self.itm_processor = AutoProcessor.from_pretrained(paths.itm)
-        self.captioner = BlipForConditionalGeneration.from_pretrained(paths.captioner).to(device)
-        self.itm = BlipForImageTextRetrieval.from_pretrained(paths.itm).to(device)
+        self.captioner = BlipForConditionalGeneration.from_pretrained(paths.captioner, use_safetensors=True)
+        self.itm = BlipForImageTextRetrieval.from_pretrained(paths.itm, use_safetensors=True)
+        self.captioner, self.itm = self.captioner.to(device), self.itm.to(device)
         self.new_tokens, self.device = new_tokens, device
 
     def generate(self, images: list[np.ndarray]) -> torch.Tensor:

@@ -8,7 +8,6 @@ its pair, which is how the benchmark compares what the pipeline kept with the tr
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -48,10 +47,9 @@ def run_web_job(
 ) -> JobResult:
     """Serve `pairs` (and `extra`, e.g. hostile cases) and run the local job over them into out/output.
 
-    The server gets a new port each run, so a previous run's output (made from other URLs) is removed
-    first rather than refused."""
+    The server gets a new port each run, so a previous run's output (made from other URLs) is
+    overwritten rather than refused; a run still writing it makes this one refuse (the output's lock)."""
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "output", ignore_errors=True)
     routes = {**web_routes(pairs), **{p.path: p.route for p in extra}}
     captions = [p.caption for p in pairs] + [p.caption for p in extra]
     with StaticSite(routes) as site:
@@ -68,4 +66,4 @@ def run_web_job(
                 *overrides,
             ],
         )
-        return run_job(spec, address=address, log=log)
+        return run_job(spec, address=address, log=log, overwrite=True)
