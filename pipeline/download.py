@@ -25,7 +25,7 @@ from pipeline.config import JobSpec
 from pipeline.fetch_guard import FetchGuard
 from pipeline.image_guard import GuardedResizer, ImageGuard
 from pipeline.layout import OutputLayout
-from pipeline.url_list import CARRIED_COLUMNS
+from pipeline.url_list import carried_columns
 
 # img2dataset's own statuses, and the message it gives a response refused by its X-Robots-Tag rule.
 DOWNLOADED = "success"
@@ -46,7 +46,7 @@ class DownloadStage:
             "input_format": "parquet",
             "url_col": "url",
             "caption_col": None,
-            "save_additional_columns": list(CARRIED_COLUMNS),
+            "save_additional_columns": carried_columns(self.spec.input),
             "output_folder": self.layout.downloads.uri,
             "output_format": "webdataset",
             "image_size": d.image_size,

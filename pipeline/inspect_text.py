@@ -6,7 +6,7 @@ from pipeline.decide import SYNTHETIC, WEB
 from pipeline.inspection import Inspection, ScoreHistogram
 from pipeline.manifest import DONE, FAILED, PENDING
 from pipeline.storage import Location
-from pipeline.summary import fate_table, percent
+from pipeline.summary import duplicates_line, fate_table, percent
 
 ERRORS_LISTED = 10
 
@@ -30,7 +30,10 @@ def _heading(found: Inspection, root: Location) -> str:
 
 
 def _fates(found: Inspection) -> str:
-    return "\n".join(fate_table(found.fate_rows(), found.input_rows))
+    lines = fate_table(found.fate_rows(), found.input_rows)
+    if found.duplicate_urls:
+        lines.append(duplicates_line(found.duplicate_urls))
+    return "\n".join(lines)
 
 
 def _captions(found: Inspection) -> str:

@@ -105,6 +105,7 @@ class Inspection:
     samples: Sample = field(default_factory=lambda: Sample(0))
     dropped: dict[tuple[str, str], Sample] = field(default_factory=dict)  # (fate, reason) -> examples
     examples_per_reason: int = 0
+    duplicate_urls: int | None = None  # input rows whose URL an earlier row had (the manifest's count)
 
     @property
     def complete(self) -> bool:
@@ -160,6 +161,7 @@ def inspect_output(
         output.shards(),
         samples=Sample(samples),
         examples_per_reason=examples_per_reason,
+        duplicate_urls=output.manifest.get("duplicate_urls"),
     )
     rng = np.random.default_rng(seed)
     for shard in found.shards:

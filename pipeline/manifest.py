@@ -2,7 +2,8 @@
 
 It is rebuilt from the shard reports at the end of every run (and of a resumed one), so it always
 describes what is on disk. The per-fate counts must add up to the input rows once every shard is
-done; `check_accounting` is the guard that says so.
+done; `check_accounting` is the guard that says so. `duplicate_urls` comes from the prepared input
+list, where `url_list.prepare` counted it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 from pipeline import __version__
 from pipeline.config import JobSpec
 from pipeline.fates import add_counts, count_fates
+from pipeline.layout import OutputLayout
+from pipeline.url_list import duplicate_urls as counted_duplicates
 
 DONE = "done"
 PENDING = "pending"
@@ -38,7 +41,10 @@ def build_manifest(
     errors: dict[str, str],
     actors: list[dict[str, Any]] | tuple[()] = (),
     timings: dict[str, Any] | None = None,
+    duplicate_urls: int | None = None,
 ) -> dict[str, Any]:
+    """The manifest. `duplicate_urls`, when not given, is read from the prepared input list under
+    `spec.output.path` (null when there is none there)."""
     shards = []
     totals = count_fates([])
     for name in shard_names:
@@ -58,6 +64,8 @@ def build_manifest(
         "models": {"captioner": spec.captioner.model, "filter": spec.filter.model},
         "versions": package_versions(),
         "input_rows": input_rows,
+        # Rows whose URL an earlier row had: each is still its own sample, downloaded and scored.
+        "duplicate_urls": duplicate_urls if duplicate_urls is not None else _duplicate_urls(spec),
         "complete": complete,
         "counts": totals,
         "shards": shards,
@@ -66,6 +74,14 @@ def build_manifest(
         # Where that run's time went (`pipeline.timings`); empty for a manifest no run wrote.
         "timings": timings or {},
     }
+
+
+def _duplicate_urls(spec: JobSpec) -> int | None:
+    try:
+        prepared = OutputLayout(spec.output.path).prepared_input
+        return counted_duplicates(prepared) if prepared.exists() else None
+    except (OSError, ValueError, ImportError):  # an output moved, a backend not installed here
+        return None
 
 
 def check_accounting(manifest: dict[str, Any]) -> None:

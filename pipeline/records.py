@@ -1,13 +1,16 @@
 """The output shard's Arrow schema: the column names and types are a contract with users.
 
 `schemas/shard.schema.json` is generated from `SHARD_SCHEMA` (`python -m pipeline.records`) and a
-test keeps the checked-in file equal to it.
+test keeps the checked-in file equal to it. A job with `input.extra_columns` appends one string
+column per extra column, named as in the input (`shard_schema`); the fixed columns come first, so a
+reader that knows only them reads every job's shards alike.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 
 import pyarrow as pa
 
@@ -31,6 +34,11 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 
+EXTRA_COLUMNS_DOC = (
+    "Then one string column per input.extra_columns entry, named as in the input, carried as given "
+    "(other types as their text); null where the input had none."
+)
+
 COLUMN_DOCS = {
     "key": "Sample key, unique in the job; the WebDataset key of the sample in the tar.",
     "url": "The image URL as given in the input list.",
@@ -48,6 +56,14 @@ COLUMN_DOCS = {
 }
 
 
+def shard_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
+    """The output shard's schema for a job with these extra input columns."""
+    schema = SHARD_SCHEMA
+    for name in extra_columns:
+        schema = schema.append(pa.field(name, pa.string()))
+    return schema
+
+
 def describe_schema() -> dict:
     return {
         "title": "capfilt output shard (shards/NNNNN.parquet): one row per input row",
@@ -55,6 +71,7 @@ def describe_schema() -> dict:
             {"name": f.name, "type": str(f.type), "nullable": f.nullable, "description": COLUMN_DOCS[f.name]}
             for f in SHARD_SCHEMA
         ],
+        "extra_columns": EXTRA_COLUMNS_DOC,
     }
 
 

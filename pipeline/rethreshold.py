@@ -81,7 +81,8 @@ def rethreshold(source: JobOutput, threshold: float, target: str | Path | Locati
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, len(names))), mp_context=spawn) as pool:
             reports = dict(zip(names, pool.map(_rewrite, jobs), strict=True))
-        manifest = build_manifest(spec, source.input_rows, names, reports, {})
+        duplicates = source.manifest.get("duplicate_urls")  # the new directory has no prepared list
+        manifest = build_manifest(spec, source.input_rows, names, reports, {}, duplicate_urls=duplicates)
         manifest["rethresholded_from"] = {
             "path": source.layout.root.resolve().uri,
             "threshold": source.threshold,

@@ -38,6 +38,7 @@ from pipeline.fates import Fate, add_counts, count_fates
 from pipeline.job_output import JobOutput, OutputError
 from pipeline.layout import OutputLayout, write_json_atomically
 from pipeline.manifest import build_manifest, check_accounting
+from pipeline.output_guard import lock_output
 from pipeline.shard_writer import Scores, ShardWriter, scores_from_records
 from pipeline.storage import Location, read_parquet
 from pipeline.tars import read_jpegs
@@ -66,39 +67,44 @@ class RetryResult:
 
 
 def retry_failed(output: JobOutput, address: str | None = None, log: Log = print) -> RetryResult:
-    shards = output.require_complete("retry its failed downloads")
-    spec = output.spec
-    work = output.layout.root / RETRY_DIR
-    work.rmtree()
-    work.mkdir()
-    plan = _write_failed_list(output, shards, work / "urls.parquet")
-    retried = sum(n for _, n in plan)
-    fates = count_fates([])
-    if retried:
-        log(f"capfilt: retrying {retried} rows whose download failed")
-        results = _RetryJob(_run_retry_job(output, spec, work, address, log), spec.output.shard_size)
-        writer = ShardWriter(output.layout, spec.filter.threshold, spec.fingerprint())
-        start = 0
-        for shard, n in plan:
-            failed = _failed_rows(output, shard)
-            rows = {r["key"]: results.row(start + i, r["key"], r["url"]) for i, r in enumerate(failed)}
-            start += n
-            _patch_raw_shard(output.layout, shard, rows)
-            stored = scores_from_records(output.read_shard(shard).to_pylist())
-            writer.write(shard, stored | {key: r.scores for key, r in rows.items() if r.scores})
-            now = output.read_shard(shard).select(["key", "status"]).to_pylist()
-            fates = add_counts(fates, count_fates(r["status"] for r in now if r["key"] in rows))
-    work.rmtree()
-    reports = output.layout.finished_reports(shards, spec.fingerprint())
-    manifest = build_manifest(spec, output.input_rows, shards, reports, {})
-    write_json_atomically(output.layout.manifest, manifest)
-    check_accounting(manifest)
-    return RetryResult(manifest, retried, fates)
+    """Retry OUT's failed downloads and fold them in, holding OUT's lock (`output_guard`) throughout:
+    a `capfilt run` or another retry writing OUT at the same time is refused, and this one waits for
+    neither."""
+    with lock_output(output.layout.root, log=log):
+        shards = output.require_complete("retry its failed downloads")
+        spec = output.spec
+        work = output.layout.root / RETRY_DIR
+        work.rmtree()
+        work.mkdir()
+        plan = _write_failed_list(output, shards, work / "urls.parquet")
+        retried = sum(n for _, n in plan)
+        fates = count_fates([])
+        if retried:
+            log(f"capfilt: retrying {retried} rows whose download failed")
+            results = _RetryJob(_run_retry_job(output, spec, work, address, log), spec.output.shard_size)
+            writer = ShardWriter(output.layout, spec.filter.threshold, spec.fingerprint())
+            start = 0
+            for shard, n in plan:
+                failed = _failed_rows(output, shard)
+                rows = {r["key"]: results.row(start + i, r["key"], r["url"]) for i, r in enumerate(failed)}
+                start += n
+                _patch_raw_shard(output.layout, shard, rows)
+                stored = scores_from_records(output.read_shard(shard).to_pylist())
+                writer.write(shard, stored | {key: r.scores for key, r in rows.items() if r.scores})
+                now = output.read_shard(shard).select(["key", "status"]).to_pylist()
+                fates = add_counts(fates, count_fates(r["status"] for r in now if r["key"] in rows))
+        work.rmtree()
+        reports = output.layout.finished_reports(shards, spec.fingerprint())
+        manifest = build_manifest(spec, output.input_rows, shards, reports, {})
+        write_json_atomically(output.layout.manifest, manifest)
+        check_accounting(manifest)
+        return RetryResult(manifest, retried, fates)
 
 
 def _failed_rows(output: JobOutput, shard: str) -> list[dict[str, Any]]:
-    """The shard's download_failed rows (key, url, caption), in key order."""
-    table = output.read_shard(shard).select(["key", "url", "caption", "status"])
+    """The shard's download_failed rows (key, url, caption and the extra input columns), in key order."""
+    extra = output.spec.input.extra_columns
+    table = output.read_shard(shard).select(["key", "url", "caption", "status", *extra])
     return table.filter(pc.equal(table["status"], Fate.DOWNLOAD_FAILED.value)).to_pylist()
 
 
@@ -106,7 +112,9 @@ def _write_failed_list(output: JobOutput, shards: list[str], path: Location) -> 
     """Write every shard's failed rows, in shard and key order, as the retry job's URL list; return
     (shard, failed rows) for the shards that have any."""
     plan = []
-    schema = pa.schema([("url", pa.string()), ("caption", pa.string())])
+    # The extra columns ride along, so the retried rows carry them into the raw shard they are patched into.
+    columns = ["url", "caption", *output.spec.input.extra_columns]
+    schema = pa.schema([(name, pa.string()) for name in columns])
     with path.writing() as stream, pq.ParquetWriter(stream, schema) as sink:
         for shard in shards:
             failed = _failed_rows(output, shard)
@@ -124,7 +132,11 @@ def _run_retry_job(
     retry_spec = dataclasses.replace(
         spec,
         input=InputSpec(
-            url_list=(work / "urls.parquet").uri, input_format="parquet", url_col="url", caption_col="caption"
+            url_list=(work / "urls.parquet").uri,
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            extra_columns=spec.input.extra_columns,
         ),
         output=OutputSpec(path=(work / "output").uri, shard_size=spec.output.shard_size),
     )

@@ -27,11 +27,11 @@ from pipeline.download import DOWNLOADED, OPT_OUT_ERROR, UNDECODABLE
 from pipeline.fates import Fate, count_fates
 from pipeline.fetch_guard import BLOCKED
 from pipeline.layout import OutputLayout, write_json_atomically
-from pipeline.records import SHARD_SCHEMA
+from pipeline.records import shard_schema
 from pipeline.resources import Resources
 from pipeline.storage import read_parquet
 from pipeline.tars import read_jpegs
-from pipeline.url_list import CAPTION, ERROR, FATE, URL
+from pipeline.url_list import CAPTION, ERROR, EXTRA_PREFIX, FATE, URL, extra_names
 
 Record = dict[str, Any]
 
@@ -94,13 +94,15 @@ class ShardWriter:
         # A rewrite in place (retry-failed) first takes the old marker away: interrupted, the shard
         # is unfinished, not "done" with the old counts over new files.
         self.layout.shard_report(shard).unlink(missing_ok=True)
-        raw = read_parquet(self.layout.raw_parquet(shard)).to_pylist()
+        table = read_parquet(self.layout.raw_parquet(shard))
+        raw = table.to_pylist()
         records = sorted((self.record(row, scores.get(row["key"])) for row in raw), key=lambda r: r["key"])
         kept = {r["key"]: r for r in records if r["status"] == Fate.KEPT}
         self.layout.shards.mkdir()
         self._write_tar(shard, kept)
         with self.layout.shard_parquet(shard).writing() as stream:
-            pq.write_table(pa.Table.from_pylist(records, schema=SHARD_SCHEMA), stream)
+            schema = shard_schema(extra_names(table.schema.names))
+            pq.write_table(pa.Table.from_pylist(records, schema=schema), stream)
         report = {
             "shard": shard,
             "fingerprint": self.fingerprint,
@@ -127,6 +129,8 @@ class ShardWriter:
             "synthetic_itm": None,
             "kept_captions": None,
             "selected_caption": None,
+            # The input's extra columns, after the fixed ones, under their input names.
+            **{k.removeprefix(EXTRA_PREFIX): v for k, v in row.items() if k.startswith(EXTRA_PREFIX)},
         }
         status = row["status"]
         if row[FATE]:

@@ -20,8 +20,15 @@ def fate_table(rows: list[tuple[str, int]], input_rows: int) -> list[str]:
     return lines
 
 
+def duplicates_line(duplicate_urls: int) -> str:
+    """Every row is its own sample; this line says how many repeat a URL (the manifest's count)."""
+    return f"duplicate URLs: {duplicate_urls} rows repeat an earlier row's URL (each downloaded and scored)"
+
+
 def format_summary(manifest: dict[str, Any], output: str) -> str:
     lines = fate_table(list(manifest["counts"].items()), manifest["input_rows"])
+    if manifest.get("duplicate_urls"):
+        lines.append(duplicates_line(manifest["duplicate_urls"]))
     by_status = {s: sum(1 for x in manifest["shards"] if x["status"] == s) for s in (DONE, FAILED, PENDING)}
     lines.append("shards: " + ", ".join(f"{n} {s}" for s, n in by_status.items()))
     for shard in manifest["shards"]:

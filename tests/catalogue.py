@@ -26,7 +26,9 @@ class Case:
     name: str  # short id, also the pytest id
     given: str  # what the input is, in words
     outcome: str  # a fate (`pipeline.fates.Fate`), SCORED, ERROR, or RUNS and how
-    says: str = ""  # a fragment the row's `error`, or the error message, contains
+    says: str = (
+        ""  # a fragment the row's `error` or the error line contains; for a scored row, what is checked
+    )
 
     @property
     def id(self) -> str:
@@ -62,7 +64,7 @@ def render() -> str:
         "",
     ]
     for section in found:
-        lines += [f"## {section.title}", "", section.intro, "", "| case | input | outcome | says |",
+        lines += [f"## {section.title}", "", section.intro, "", "| case | input | outcome | the error says, or what is checked |",
                   "| --- | --- | --- | --- |"]  # fmt: skip
         for case in section.cases:
             says = f"`{case.says}`" if case.says else ""

@@ -170,7 +170,7 @@ IMAGES = [
             _ok(b"just some text, not pixels\n" * 8)),
     WebCase(Case("html-as-jpeg", "an HTML error page served as image/jpeg", Fate.DECODE_FAILED, "Image decoding error"),
             _ok(HTML)),
-    WebCase(Case("empty-body", "200 with an empty body", Fate.DECODE_FAILED), _ok(b"")),
+    WebCase(Case("empty-body", "200 with an empty body", Fate.DECODE_FAILED, "!buf.empty()"), _ok(b"")),
     WebCase(Case("png-alpha", "PNG whose top half is transparent", SCORED, "matted on white"),
             _ok(_half_transparent_png(), "image/png"), stored=_transparent_is_white),
     WebCase(Case("png-palette", "palette (P mode) PNG", SCORED), _ok(_encode(_halves().convert("P"), "PNG"), "image/png")),
@@ -215,6 +215,8 @@ TRANSPORT = [
             _ok(JPEG[:500], "image/jpeg", ("Content-Length", str(len(JPEG))))),
     WebCase(Case("connection-refused", "nothing listens on the port", Fate.DOWNLOAD_FAILED, "Connection refused"),
             url="http://127.0.0.1:9/closed.jpg"),
+    WebCase(Case("non-ascii-url", "a URL with é in its path (sent percent-encoded, as browsers do)", SCORED,
+                 "the row keeps the URL as given"), url="{site}/case/café.jpg"),
     WebCase(Case("redirect-good", "302 to a good image", SCORED), _redirect("/case/redirect-target")),
     WebCase(Case("redirect-chain", "301, 307 then 308 to a good image", SCORED), _redirect("/case/hop-1", 301)),
     WebCase(Case("redirect-loop", "a redirect to itself", Fate.DOWNLOAD_FAILED, "infinite loop"),
@@ -248,6 +250,7 @@ NETWORK = [
 ]  # fmt: skip
 
 EXTRA_ROUTES = {
+    "/case/caf%C3%A9.jpg": _ok(JPEG),
     "/case/redirect-target": _ok(JPEG),
     "/case/hop-1": _redirect("/case/hop-2", 307),
     "/case/hop-2": _redirect("/case/redirect-target", 308),

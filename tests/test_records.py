@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.fates import Fate
-from pipeline.records import COLUMN_DOCS, SHARD_SCHEMA, describe_schema
+from pipeline.records import COLUMN_DOCS, SHARD_SCHEMA, describe_schema, shard_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD_SCHEMA_FILE = ROOT / "schemas" / "shard.schema.json"
@@ -68,3 +68,11 @@ def test_every_job_spec_key_is_documented():
     for section, body in job_schema()["properties"].items():
         for key in body["properties"]:
             assert f"`{section}.{key}`" in doc, f"{section}.{key} is not in docs/job-spec.md"
+
+
+def test_extra_columns_are_strings_after_the_fixed_columns():
+    schema = shard_schema(["source", "licence"])
+    assert schema.names == [*COLUMNS, "source", "licence"]
+    assert schema.field("licence").type == pa.string() and schema.field("licence").nullable
+    assert shard_schema() == SHARD_SCHEMA
+    assert "extra_columns" in describe_schema()["extra_columns"]

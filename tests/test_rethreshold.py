@@ -32,6 +32,7 @@ def test_the_jobs_own_threshold_reproduces_its_shards_byte_for_byte(curated_job,
         assert (new.shards / name).read_bytes() == (source.shards / name).read_bytes(), name
     manifest = json.loads(new.manifest.read_text())
     assert manifest["counts"] == curated_job.manifest["counts"] and manifest["complete"]
+    assert manifest["duplicate_urls"] == curated_job.manifest["duplicate_urls"] == 0
     assert manifest["rethresholded_from"] == {"path": str(source.root.resolve()), "threshold": 0.5}
     for raw in source.downloads.iterdir():  # hard links: no space spent, and OUT's later changes stay OUT's
         assert os.path.samefile(raw, new.downloads / raw.name), raw.name

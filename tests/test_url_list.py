@@ -1,0 +1,229 @@
+"""Reading and preparing URL lists without Ray: odd values become strings, files are streamed, repeats
+are counted, and a million rows are prepared in flat memory."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import list_readers
+from pipeline.config import InputSpec, SpecError
+from pipeline.duplicates import DuplicateCounter
+from pipeline.storage import Location
+from pipeline.url_list import EXTRA_PREFIX, check_columns, duplicate_urls, prepare, read_batches
+from pipeline.urlpolicy import NetworkPolicy
+
+OPEN = NetworkPolicy(allow_private_networks=True)
+
+
+def _rows(spec: InputSpec) -> list[dict]:
+    return [row for batch in read_batches(spec) for row in batch.to_pylist()]
+
+
+def test_a_csv_with_bytes_that_are_not_utf8_is_read_with_replacement_characters(tmp_path):
+    path = tmp_path / "urls.csv"
+    path.write_bytes(b'url,caption\nhttp://a/\xff.jpg,"caf\xe9 \x00 \x1b[0m\r\nnext line"\nhttp://b/x.jpg,\n')
+    assert _rows(InputSpec(str(path), "csv")) == [
+        {"url": "http://a/\ufffd.jpg", "caption": "caf\ufffd \x00 \x1b[0m\r\nnext line"},
+        {"url": "http://b/x.jpg", "caption": ""},  # CSV has no null: an empty field is ""
+    ]
+
+
+def test_parquet_columns_of_any_type_become_strings(tmp_path):
+    path = tmp_path / "urls.parquet"
+    table = pa.table({
+        "url": pa.array([7, None], pa.int64()),
+        "caption": pa.array([b"ok", b"\xffbad"], pa.binary()),
+        "tags": pa.array([["a", "b"], None]),
+        "score": pa.array([0.5, 2.0]),
+    })  # fmt: skip
+    pq.write_table(table, path)
+    spec = InputSpec(str(path), extra_columns=("tags", "score"))
+    assert _rows(spec) == [
+        {"url": "7", "caption": "ok", f"{EXTRA_PREFIX}tags": '["a", "b"]', f"{EXTRA_PREFIX}score": "0.5"},
+        {"url": None, "caption": "\ufffdbad", f"{EXTRA_PREFIX}tags": None, f"{EXTRA_PREFIX}score": "2"},
+    ]
+
+
+def test_json_lines_with_odd_values_are_read_row_by_row_in_the_block_that_has_them(tmp_path):
+    path = tmp_path / "urls.jsonl"
+    path.write_bytes(
+        b'{"url": "http://a/1.jpg", "caption": "caf\xe9", "id": 1}\n\n'
+        b'{"url": 5, "caption": null, "id": {"nested": true}}\n'
+        b'{"url": "http://a/3.jpg", "caption": "raw \x1b control", "other": 1}\n'
+        b'{"url": "http://a/4.jpg", "caption": "\\ud800 lone surrogate", "id": "x"}\n'
+    )
+    assert _rows(InputSpec(str(path), "jsonl", extra_columns=("id",))) == [
+        {"url": "http://a/1.jpg", "caption": "caf\ufffd", f"{EXTRA_PREFIX}id": "1"},
+        {"url": "5", "caption": None, f"{EXTRA_PREFIX}id": '{"nested": true}'},
+        {"url": "http://a/3.jpg", "caption": "raw \x1b control", f"{EXTRA_PREFIX}id": None},
+        {"url": "http://a/4.jpg", "caption": "\ufffd\ufffd\ufffd lone surrogate", f"{EXTRA_PREFIX}id": "x"},
+    ]
+
+
+@pytest.mark.parametrize("block_bytes", [16, 256])  # lines longer than a block; blocks of a few lines
+def test_json_lines_are_streamed_in_blocks_and_a_malformed_line_is_named(tmp_path, monkeypatch, block_bytes):
+    monkeypatch.setattr(list_readers, "BLOCK_BYTES", block_bytes)  # many blocks, each parsed on its own
+    lines = [json.dumps({"url": f"http://a/{i}.jpg", "caption": f"c{i}"}) for i in range(200)]
+    lines[150] = '{"url": 150, "caption": "a number in a block of strings"}'
+    path = tmp_path / "urls.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    rows = _rows(InputSpec(str(path), "jsonl"))
+    assert [r["url"] for r in rows] == [f"http://a/{i}.jpg" if i != 150 else "150" for i in range(200)]
+
+    lines[180] = '{"url": "http://a/180.jpg", "caption": '
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SpecError, match=r"as jsonl: line 181: not JSON: Expecting value \(column 40\)$"):
+        _rows(InputSpec(str(path), "jsonl"))
+
+
+def test_a_json_line_too_long_to_be_a_row_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(list_readers, "MAX_LINE_BYTES", 1 << 20)
+    path = tmp_path / "urls.jsonl"
+    path.write_text('{"url": "http://a/1.jpg"}\n[' + '"x", ' * 400_000 + '"x"]\n')
+    with pytest.raises(SpecError, match=r"as jsonl: line 2 is longer than 1 MiB$"):
+        _rows(InputSpec(str(path), "jsonl", caption_col=None))
+
+
+def test_the_columns_of_json_lines_come_from_the_first_block(tmp_path):
+    path = tmp_path / "urls.jsonl"
+    path.write_text('{"url": "http://a/1.jpg"}\n{"url": "http://a/2.jpg", "caption": "x", "id": 3}\n')
+    check_columns(InputSpec(str(path), "jsonl", extra_columns=("id",)))
+    with pytest.raises(
+        SpecError, match=r"column 'link' not found in .*urls.jsonl \(columns: url, caption, id\)"
+    ):
+        check_columns(InputSpec(str(path), "jsonl", url_col="link"))
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "says"),
+    [
+        ("http://a/bad.jpg,two,more", "CSV parse error: Expected 2 columns, got 3: http://a/bad.jpg,two,more (after data row"),
+        ("http://a/bad.jpg," + "x" * 600_000, "CSV parse error: a row after data row 39999 is longer than 256 KiB"),
+    ],
+)  # fmt: skip
+def test_a_malformed_csv_row_deep_in_the_file_is_refused_with_its_text_and_nothing_is_left(
+    tmp_path, bad_row, says
+):
+    lines = ["url,caption"] + [f"http://a/{i:05d}.jpg,picture {i:05d}" for i in range(50_000)]
+    lines[40_000] = bad_row
+    path = tmp_path / "urls.csv"
+    path.write_text("\n".join(lines) + "\n")
+    spec = InputSpec(str(path), "csv")
+    check_columns(spec)  # the header and first block are fine
+    out = Location.of(tmp_path / "_input.parquet")
+    with pytest.raises(SpecError) as raised:
+        prepare(spec, OPEN, out, "fp", downloaded=False)
+    message = str(raised.value)
+    assert message.startswith(f"input.url_list: cannot read {path} as csv: ") and says in message, message
+    assert "\n" not in message
+    assert not out.exists()
+
+
+def test_a_control_character_in_a_message_is_escaped(tmp_path):
+    path = tmp_path / "urls.csv"
+    path.write_bytes(b"link\x1b[2J,caption\nhttp://a/1.jpg,x\n")
+    with pytest.raises(SpecError) as raised:
+        check_columns(InputSpec(str(path), "csv"))
+    assert "columns: link\\x1b[2J, caption" in str(raised.value) and "\x1b" not in str(raised.value)
+
+
+def test_repeated_urls_are_counted_as_a_set_would_count_them():
+    rng = random.Random(0)
+    urls = [rng.choice([f"http://a/{rng.randrange(3000)}.jpg", None, "", "  "]) for _ in range(20_000)]
+    urls += [" http://a/1.jpg ", "http://a/1.jpg"]  # compared stripped, as they are fetched
+    counter = DuplicateCounter()
+    for start in range(0, len(urls), 999):
+        counter.add(urls[start : start + 999])
+    given = [u.strip() for u in urls if u and u.strip()]
+    assert counter.count() == len(given) - len(set(given)) > 0
+
+
+def test_prepare_keeps_every_row_counts_repeats_and_the_count_survives_a_resume(tmp_path):
+    path = tmp_path / "urls.csv"
+    path.write_text(
+        "url,caption\nhttp://a/1.jpg,one\n http://a/1.jpg ,two\nnot a url,x\nnot a url,y\n,z\n,w\n"
+    )
+    spec = InputSpec(str(path), "csv")
+    out = Location.of(tmp_path / "_input.parquet")
+    assert prepare(spec, OPEN, out, "fp", downloaded=False) == 6
+    assert duplicate_urls(out) == 2  # the second http://a/1.jpg and the second "not a url"; "" is no URL
+    written = pq.read_table(out).to_pylist()
+    assert [r["capfilt_caption"] for r in written] == ["one", "two", "x", "y", "z", "w"]
+    assert [r["url"] for r in written] == ["http://a/1.jpg", "http://a/1.jpg", "", "", "", ""]
+    before = out.identity()
+    assert prepare(spec, OPEN, out, "fp", downloaded=True) == 6  # reused, not written again
+    assert out.identity() == before and duplicate_urls(out) == 2
+
+
+MILLION = 1_000_000
+
+# Runs in a fresh interpreter, so that pyarrow's peak and tracemalloc's see only this prepare. The
+# first prepare is timed without tracing (tracemalloc slows Python down); the second is traced.
+_MEASURE = """
+import json, sys, time, tracemalloc
+import pyarrow as pa
+from pipeline.config import InputSpec
+from pipeline.storage import Location
+from pipeline.url_list import prepare
+from pipeline.urlpolicy import NetworkPolicy
+
+url_list, warm, out, traced = sys.argv[1:]
+policy = NetworkPolicy(allow_private_networks=True)
+prepare(InputSpec(warm, "csv"), policy, Location.of(warm + ".parquet"), "fp", False)  # imports, caches
+arrow_before = pa.default_memory_pool().max_memory()
+start = time.perf_counter()
+rows = prepare(InputSpec(url_list, "csv"), policy, Location.of(out), "fp", False)
+seconds = time.perf_counter() - start
+arrow_peak = pa.default_memory_pool().max_memory() - arrow_before
+tracemalloc.start()
+prepare(InputSpec(url_list, "csv"), policy, Location.of(traced), "fp", False)
+python_peak = tracemalloc.get_traced_memory()[1]
+print(json.dumps({"rows": rows, "seconds": seconds, "arrow_peak": arrow_peak, "python_peak": python_peak}))
+"""
+
+
+def _million_url(i: int) -> str:
+    j = i - 1 if i % 1000 == 999 else i  # every thousandth row repeats the one before it
+    return f"http://127.0.0.1:9/images/2024/05/{j % 97:02d}/photo-of-the-day-{j:07d}.jpg"
+
+
+def test_a_million_rows_are_prepared_in_order_in_flat_memory(tmp_path, capsys):
+    url_list = tmp_path / "million.csv"
+    with url_list.open("w") as f:
+        f.write("url,caption\n")
+        for start in range(0, MILLION, 100_000):
+            f.write("".join(f"{_million_url(i)},a photograph of item {i} on a wooden kitchen table\n"
+                            for i in range(start, start + 100_000)))  # fmt: skip
+    warm = tmp_path / "warm.csv"
+    warm.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a\n")
+    out = tmp_path / "_input.parquet"
+    measured = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(url_list), str(warm), str(out), str(tmp_path / "traced.parquet")],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    found = json.loads(measured.stdout.strip().splitlines()[-1])
+    size = url_list.stat().st_size
+    held = found["arrow_peak"] + found["python_peak"]
+    with capsys.disabled():
+        print(f"\nprepare of {MILLION} rows ({size / 1e6:.0f} MB CSV): {found['seconds']:.1f} s; peak held: "
+              f"pyarrow {found['arrow_peak'] / 1e6:.1f} MB + Python {found['python_peak'] / 1e6:.1f} MB "
+              f"= {held / size:.1%} of the file")  # fmt: skip
+    assert found["rows"] == MILLION
+    assert held < size / 4  # the list is never held: one block, its batch and 8 bytes a row of hashes
+    assert duplicate_urls(Location.of(out)) == MILLION // 1000
+    index = 0
+    for batch in pq.ParquetFile(out).iter_batches(batch_size=65536, columns=["url", "capfilt_fate"]):
+        assert batch.column("url").to_pylist() == [
+            _million_url(i) for i in range(index, index + batch.num_rows)
+        ]
+        assert batch.column("capfilt_fate").null_count == batch.num_rows
+        index += batch.num_rows
+    assert index == MILLION
