@@ -21,6 +21,7 @@ import jsonschema
 import yaml
 
 from pipeline.bundled import bundled_path
+from pipeline.messages import printable
 from pipeline.storage import Location, is_uri
 
 DEFAULT_DISALLOWED_HEADER_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
@@ -31,7 +32,7 @@ class SpecError(ValueError):
     quotes is written as an escape, so the line stays one)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+        super().__init__(printable(message))
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -61,6 +62,8 @@ def _parse_yaml(text: str) -> Any:
         return yaml.load(text, Loader=_SpecLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as err:
         raise SpecError(f"not valid YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise SpecError("not valid YAML: nested too deeply") from None
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,21 @@ class JobSpec:
 
     def _sections(self, *names: str) -> dict[str, Any]:
         spec = self.to_dict()
+        for section, keys in _ADDED_LATER.items():
+            defaults = {f.name: f.default for f in dataclasses.fields(_SECTIONS[section])}
+            for key in keys:
+                if spec[section][key] == json.loads(json.dumps(defaults[key])):
+                    del spec[section][key]
         return {**{k: spec[k] for k in names}, "shard_size": spec["output"]["shard_size"]}
+
+
+# Settings added after outputs were first written. At their default they are left out of the
+# fingerprints, so that work finished before they existed stays finished, and resumes, after an
+# upgrade. A setting added later goes here.
+_ADDED_LATER = {
+    "input": ("extra_columns",),
+    "download": ("allowed_networks", "denied_networks", "max_body_bytes", "max_image_pixels"),
+}
 
 
 def _hash(value: Any) -> str:

@@ -21,20 +21,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import http.client
+import itertools
+import re
 import socket
+import string
+import threading
 import time
 import urllib.request
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 from pipeline.config import DownloadSpec
 from pipeline.urlpolicy import NetworkPolicy, check_url
 
 BLOCKED = "blocked: "
 _READ_SIZE = 1 << 16
+_TIMED_OUT = "timed out: {what} took longer than {timeout:g} s to arrive"
 
 
 class Refused(Exception):
@@ -55,10 +62,10 @@ class FetchGuard:
     def opener(self) -> urllib.request.OpenerDirector:
         opener = urllib.request.OpenerDirector()
         for handler in (
-            _GuardedHTTPHandler(self.policy),
-            _GuardedHTTPSHandler(self.policy),
+            _GuardedHTTPHandler(self.policy, self.timeout),
+            _GuardedHTTPSHandler(self.policy, self.timeout),
             _GuardedRedirects(self.policy),
-            _BodyLimit(self.max_body_bytes, self.timeout),
+            _BodyBounds(self.max_body_bytes, self.timeout),
             urllib.request.HTTPDefaultErrorHandler(),
             urllib.request.HTTPErrorProcessor(),
             urllib.request.UnknownHandler(),
@@ -78,10 +85,17 @@ class FetchGuard:
 
 
 def connect_checked(
-    policy: NetworkPolicy, address: tuple[str, int], timeout: Any = None, source_address: Any = None, **_: Any
+    policy: NetworkPolicy,
+    address: tuple[str, int],
+    timeout: Any = None,
+    source_address: Any = None,
+    *,
+    deadline_s: float | None = None,
+    **_: Any,
 ) -> socket.socket:
     """`socket.create_connection`, but to allowed addresses only; any refused address refuses the host,
-    as in `urlpolicy` (a name is as safe as its worst address)."""
+    as in `urlpolicy` (a name is as safe as its worst address). With `deadline_s`, the socket is shut
+    down that many seconds after it connected, whatever is still being read from it."""
     host, port = address
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     for *_rest, sockaddr in infos:
@@ -97,6 +111,8 @@ def connect_checked(
             if source_address:
                 sock.bind(source_address)
             sock.connect(sockaddr)
+            if deadline_s is not None:
+                _WATCHDOG.watch(sock, deadline_s)
             return sock
         except OSError as err:
             sock.close()
@@ -104,35 +120,57 @@ def connect_checked(
     raise errors[-1] if errors else OSError(f"{host} resolved to no address")
 
 
-class _GuardedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, *args: Any, policy: NetworkPolicy, **kwargs: Any) -> None:
+class _Guarded:
+    """Makes an http.client connection open its socket through `connect_checked` and put it on the
+    watch for its deadline."""
+
+    def __init__(self, *args: Any, policy: NetworkPolicy, deadline_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._create_connection = functools.partial(connect_checked, policy)
+        self._create_connection = functools.partial(connect_checked, policy, deadline_s=deadline_s)
 
 
-class _GuardedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, policy: NetworkPolicy, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._create_connection = functools.partial(connect_checked, policy)
+class _GuardedHTTPConnection(_Guarded, http.client.HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_Guarded, http.client.HTTPSConnection):
+    pass
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, policy: NetworkPolicy) -> None:
+    def __init__(self, policy: NetworkPolicy, timeout: float) -> None:
         super().__init__()
-        self.policy = policy
+        self.policy, self.timeout = policy, timeout
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_GuardedHTTPConnection, policy=self.policy), req)
+        connection = functools.partial(_GuardedHTTPConnection, policy=self.policy, deadline_s=self.timeout)
+        with _timed_out_after(self.timeout, req):
+            return self.do_open(connection, req)
 
 
 class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy: NetworkPolicy) -> None:
+    def __init__(self, policy: NetworkPolicy, timeout: float) -> None:
         super().__init__()
-        self.policy = policy
+        self.policy, self.timeout = policy, timeout
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        connection = functools.partial(_GuardedHTTPSConnection, policy=self.policy)
-        return self.do_open(connection, req, context=self._context)
+        connection = functools.partial(_GuardedHTTPSConnection, policy=self.policy, deadline_s=self.timeout)
+        with _timed_out_after(self.timeout, req):
+            return self.do_open(connection, req, context=self._context)
+
+
+@contextlib.contextmanager
+def _timed_out_after(timeout: float, req: urllib.request.Request) -> Iterator[None]:
+    """A request the watchdog cut off (its status line or headers trickled in) fails as what it is, a
+    timeout, not as the "remote end closed" that the cut makes http.client see."""
+    try:
+        yield
+    except Refused:
+        raise
+    except Exception as err:
+        if time.monotonic() - getattr(req, "capfilt_sent_at", time.monotonic()) >= timeout:
+            raise TimeoutError(_TIMED_OUT.format(timeout=timeout, what="the response")) from err
+        raise
 
 
 class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
@@ -145,8 +183,8 @@ class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
 
     def http_error_302(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
         target = headers.get("location") or headers.get("uri")
-        if target:
-            newurl = urljoin(req.full_url, target)
+        if target:  # the URL urllib will request: joined and quoted as HTTPRedirectHandler does
+            newurl = quote(urljoin(req.full_url, target), encoding="iso-8859-1", safe=string.punctuation)
             verdict = check_url(newurl, self.policy)
             if verdict is not None:
                 fp.close()
@@ -156,12 +194,13 @@ class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
-class _BodyLimit(urllib.request.BaseHandler):
-    """Every response's `read()` stops at `max_bytes` and `timeout` seconds after the request.
+class _BodyBounds(urllib.request.BaseHandler):
+    """Every response's `read()` stops at `max_bytes`, and at `timeout` seconds after the request.
 
     The socket timeout bounds each read, not the whole body: a server sending a byte every second
     would hold a download thread for ever. Reading with `read1` returns what has arrived, so the
-    deadline is checked between arrivals."""
+    deadline is checked between arrivals; the watchdog cuts what one read would wait on past it (a
+    chunk-size line trickled in), and the cut is reported as the timeout it is."""
 
     handler_order = 100  # before HTTPErrorProcessor: redirect hops are bounded too
 
@@ -174,8 +213,8 @@ class _BodyLimit(urllib.request.BaseHandler):
         return req
 
     def http_response(self, req: urllib.request.Request, response: Any) -> Any:
-        declared = response.headers.get("Content-Length", "")
-        if declared.strip().isdigit() and int(declared) > self.max_bytes:
+        declared = response.headers.get("Content-Length", "").strip()
+        if re.fullmatch(r"[0-9]{1,19}", declared) and int(declared) > self.max_bytes:
             response.close()
             raise ValueError(self._too_large(f"it declares {int(declared)} bytes"))
         deadline = getattr(req, "capfilt_sent_at", time.monotonic()) + self.timeout
@@ -189,9 +228,14 @@ class _BodyLimit(urllib.request.BaseHandler):
         """The body, whole (`amt` is ignored: img2dataset reads whole bodies, and so does this)."""
         chunks, size = [], 0
         while True:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out: the body took longer than {self.timeout:g} s to arrive")
-            chunk = response.read1(_READ_SIZE)
+            try:
+                chunk = response.read1(_READ_SIZE) if time.monotonic() <= deadline else None
+            except Exception:
+                if time.monotonic() <= deadline:
+                    raise
+                chunk = None
+            if chunk is None or (not chunk and time.monotonic() > deadline):
+                raise TimeoutError(_TIMED_OUT.format(timeout=self.timeout, what="the body"))
             if not chunk:
                 break
             size += len(chunk)
@@ -206,3 +250,44 @@ class _BodyLimit(urllib.request.BaseHandler):
 
     def _too_large(self, why: str) -> str:
         return f"body over download.max_body_bytes ({self.max_bytes}): {why}"
+
+
+class _Watchdog:
+    """One thread per process that shuts each watched socket down at its deadline.
+
+    A socket timeout bounds each wait, not a whole response: a status line, a header or a chunk-size
+    line sent a byte at a time (each byte within the timeout) would hold a download thread for as
+    long as the server likes. Shutting the socket down ends whatever read is waiting on it, over
+    TLS too. Sockets are held weakly: a closed or collected one is simply skipped."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, weakref.ref[socket.socket]]] = []
+        self._wake = threading.Condition()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock: socket.socket, seconds: float) -> None:
+        with self._wake:
+            heapq.heappush(self._due, (time.monotonic() + seconds, next(self._ids), weakref.ref(sock)))
+            if self._thread is None or not self._thread.is_alive():  # a forked child has none
+                self._thread = threading.Thread(target=self._run, name="capfilt-fetch-deadlines", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._due:
+                    self._wake.wait()
+                due, _, ref = self._due[0]
+                if due > time.monotonic():
+                    self._wake.wait(due - time.monotonic())
+                    continue
+                heapq.heappop(self._due)
+            sock = ref()
+            if sock is not None and sock.fileno() != -1:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+_WATCHDOG = _Watchdog()

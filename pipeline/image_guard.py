@@ -1,14 +1,17 @@
-"""What img2dataset's decoder is given: refused when too big, normalised where OpenCV gets it wrong.
+"""What img2dataset's decoder is given: refused when its size is too big or unknown, normalised where
+OpenCV gets it wrong.
 
 img2dataset decodes with `cv2.imdecode(..., IMREAD_UNCHANGED)`, which
 - decodes a decompression bomb (a few kB of PNG declaring 40,000 x 40,000 pixels) in full before its
-  own area check, gigabytes per download thread: here the header is read first and an image declaring
-  more than `max_pixels` is refused before anything is decoded;
+  own area check, gigabytes per download thread: here the header is read first (Pillow reads headers
+  lazily) and an image declaring more than `max_pixels` is refused before anything is decoded. An
+  image whose header Pillow cannot read is refused too: its size cannot be known before decoding, and
+  OpenCV decodes formats (Radiance HDR, PAM, …) that no web page serves as an image;
 - ignores the EXIF orientation, so a phone photo stored sideways stays sideways (and the re-encoded
   JPEG has no EXIF left to fix it later): here it is turned upright, once;
 - keeps 16-bit PNGs at 16 bits and its JPEG encoder saturates them to white: here they become 8-bit.
-Everything else passes untouched (the bytes are only parsed, not decoded), and a header Pillow cannot
-read is left to OpenCV, which knows formats Pillow does not.
+Everything else reaches OpenCV as it came. Fixing an image decodes it with Pillow; should that fail
+(a truncated file), the original bytes go to OpenCV, whose verdict the row then gets.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from PIL import Image, ImageOps
 
 _ORIENTATION = 0x0112
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}  # what a PNG holds at 8 bits or fewer
 
 
 class ImageRefused(ValueError):
@@ -35,29 +39,30 @@ class ImageGuard:
     max_pixels: int
 
     def prepare(self, data: bytes) -> bytes:
-        """The bytes to decode: `data` itself, or an upright 8-bit re-encoding; ImageRefused when the
-        header declares more than `max_pixels` pixels."""
+        """The bytes to decode: `data` itself, or an upright 8-bit PNG of it. ImageRefused when the
+        header declares more than `max_pixels` pixels or cannot be read."""
         try:
             image = Image.open(io.BytesIO(data))
-        except Exception:  # not a header Pillow knows: OpenCV decides, and fails it if it must
-            return data
+        except Image.DecompressionBombError as err:  # only outside `installed()`: Pillow's own limit
+            raise ImageRefused(f"image over download.max_image_pixels ({self.max_pixels}): {err}") from None
+        except Image.UnidentifiedImageError:  # its message names the stream object: not reproducible
+            raise ImageRefused("not an image format whose size can be read before decoding") from None
+        except Exception as err:
+            raise ImageRefused(f"the image header cannot be read: {err}") from None
         width, height = image.size
         if width * height > self.max_pixels:
             raise ImageRefused(
                 f"image over download.max_image_pixels ({self.max_pixels}), not decoded: "
                 f"it declares {width}x{height} = {width * height} pixels"
             )
-        turned = image.getexif().get(_ORIENTATION, 1) not in (1, None)
-        deep = _is_16_bit_png(data)
-        if not (turned or deep):
+        # `info["exif"]` is what the header held; `getexif()` alone would decode a PNG to look after it.
+        turned = "exif" in image.info and image.getexif().get(_ORIENTATION, 1) not in (1, None)
+        if not (turned or _is_16_bit_png(data)):
             return data
-        if image.mode.startswith("I"):  # 16-bit gray: keep the top 8 bits (convert("L") clips to the low)
-            wide = np.asarray(image).astype(np.uint32).clip(0, 65535)
-            image = Image.fromarray((wide >> 8).astype(np.uint8))
-        upright = ImageOps.exif_transpose(image) if turned else image
-        out = io.BytesIO()
-        upright.save(out, format="PNG", compress_level=1)
-        return out.getvalue()
+        try:
+            return _upright_8_bit_png(image, turned)
+        except Exception:  # Pillow cannot decode it (truncated…): OpenCV decides, as for any image
+            return data
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -71,19 +76,36 @@ class ImageGuard:
             Image.MAX_IMAGE_PIXELS = previous
 
 
+def _upright_8_bit_png(image: Image.Image, turned: bool) -> bytes:
+    if turned:
+        image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):  # 16-bit gray: keep the top 8 bits (convert("L") clips to the low)
+        wide = np.asarray(image).astype(np.uint32).clip(0, 65535)
+        image = Image.fromarray((wide >> 8).astype(np.uint8))
+    elif image.mode not in _PNG_MODES:  # CMYK, YCbCr, float… as PNG cannot hold them
+        image = image.convert("RGB")
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
 @dataclass(frozen=True)
 class GuardedResizer:
-    """img2dataset's `Resizer`, given what `ImageGuard.prepare` makes of each download."""
+    """img2dataset's `Resizer`, given what `ImageGuard.prepare` makes of each download. Nothing may
+    raise out of here: img2dataset drops a sample whose resizer raises, row and all."""
 
     resizer: Any
     guard: ImageGuard
 
     def __call__(self, img_stream: io.BytesIO, blurring_bbox_list: Any = None) -> tuple[Any, ...]:
         img_stream.seek(0)
+        data = img_stream.read()
         try:
-            data = self.guard.prepare(img_stream.read())
+            data = self.guard.prepare(data)
         except ImageRefused as err:
             return None, None, None, None, None, str(err)
+        except Exception:  # a guard bug must not cost the row: the image goes to OpenCV as it came
+            pass
         return self.resizer(io.BytesIO(data), blurring_bbox_list)
 
 

@@ -32,8 +32,8 @@ from pipeline.storage import Location, parquet_file
 
 BATCH_ROWS = 65536  # Parquet batches
 BLOCK_BYTES = 1 << 20  # JSON Lines blocks (pyarrow's default block size)
-# pyarrow's streaming CSV reader reads ahead: it held about 35 blocks at a time (35 MB of 1 MiB
-# blocks, pyarrow 26), however slowly the batches were taken. Smaller blocks keep that near 10 MB.
+# pyarrow's streaming CSV reader reads ahead many blocks, however slowly its batches are taken; small
+# blocks keep what it holds small (tests/test_url_list.py's million-row test bounds the whole prepare).
 CSV_BLOCK_BYTES = 1 << 18
 MAX_LINE_BYTES = 64 << 20  # one JSON line; the block that holds it is read whole
 _SNIFF_BYTES = 4096

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from pipeline.config import JobSpec, SpecError
-from pipeline.messages import one_line
+from pipeline.messages import one_line, printable
 from pipeline.storage import is_uri
 
 CAPTIONER_CLASS = "BlipForConditionalGeneration"
@@ -45,7 +45,7 @@ def check_models(spec: JobSpec) -> None:
 
 def check_model(key: str, value: str, architecture: str) -> None:
     # os.path's tests, not pathlib's: they answer False for a name too long or with a NUL byte.
-    path, shown = Path(value), _shown(value)
+    path, shown = Path(value), printable(value)
     if os.path.isdir(value):
         _check_directory(key, path, architecture)
     elif is_uri(value):
@@ -53,7 +53,7 @@ def check_model(key: str, value: str, architecture: str) -> None:
     elif os.path.exists(value):
         raise SpecError(f"{key}: {shown} is a file; name the model's directory (config.json, *.safetensors)")
     elif value.startswith("~") and os.path.isdir(os.path.expanduser(value)):
-        home = _shown(os.path.expanduser(value))
+        home = printable(os.path.expanduser(value))
         raise SpecError(f"{key}: {shown}: '~' is not expanded in a job spec; write {home}")
     elif looks_like_a_path(value):
         hint = f"a local directory, or a hub name such as {HUB_EXAMPLE[key]}"
@@ -65,15 +65,9 @@ def looks_like_a_path(value: str) -> bool:
     return value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") > 1
 
 
-def _shown(value: object) -> str:
-    """A value as a message shows it: on one line, whatever characters it holds."""
-    text = str(value)
-    return text if text.isprintable() else repr(text)
-
-
 def _check_directory(key: str, path: Path, architecture: str) -> None:
     config = _read_config(key, path)
-    shown = _shown(path)
+    shown = printable(path)
     found = config.get("architectures") or []
     found = [str(a) for a in found] if isinstance(found, list) else [str(found)]
     model_type = config.get("model_type")
@@ -98,11 +92,11 @@ def _check_directory(key: str, path: Path, architecture: str) -> None:
 def _read_config(key: str, path: Path) -> dict:
     config = path / "config.json"
     if not config.is_file():
-        raise SpecError(f"{key}: {_shown(path)} has no config.json; not a transformers model directory")
+        raise SpecError(f"{key}: {printable(path)} has no config.json; not a transformers model directory")
     try:
         found = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SpecError(f"{key}: {_shown(config)} is not valid JSON: {one_line(err)}") from None
+        raise SpecError(f"{key}: {printable(config)} is not valid JSON: {one_line(err)}") from None
     if not isinstance(found, dict):
-        raise SpecError(f"{key}: {_shown(config)} is not a JSON object")
+        raise SpecError(f"{key}: {printable(config)} is not a JSON object")
     return found

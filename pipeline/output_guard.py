@@ -24,13 +24,13 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.config import SpecError
 from pipeline.layout import OutputLayout
-from pipeline.messages import one_line
+from pipeline.messages import one_line, printable
 from pipeline.storage import Location, temporary_name
 
 LOCK_NAME = ".capfilt.lock"
@@ -54,21 +54,27 @@ def capfilt_names(root: Location) -> frozenset[str]:
 
 @contextlib.contextmanager
 def claim_output(
-    root: Location, overwrite: bool, key: str = "output.path", log: Log = print
+    root: Location,
+    overwrite: bool,
+    key: str = "output.path",
+    log: Log = print,
+    reads: Sequence[tuple[str, str]] = (),
 ) -> Iterator[None]:
     """Make `root` this run's output until the block ends: refuse what it must not write into, empty
     it under `overwrite`, and hold the lock. Nothing is written before the checks pass; `key` names
-    the setting in the messages (`output.path`, or `--out` for rethreshold)."""
+    the setting in the messages (`output.path`, or `--out` for rethreshold). `reads`: (key, path) of
+    what the job reads (its URL list, model directories); `--overwrite` refuses to delete one."""
     if root.is_file():
-        raise SpecError(f"{key}: {_shown(root)} is a file; name a directory (new or empty) for the output")
+        raise SpecError(f"{key}: {printable(root)} is a file; name a directory (new or empty) for the output")
     if overwrite:
         _refuse_precious(root, key)
+        _refuse_reads_inside(root, key, reads)
     else:
         _refuse_foreign(root, key)
     try:
         root.mkdir()
     except OSError as err:
-        raise SpecError(f"{key}: cannot create {_shown(root)}: {one_line(err)}") from None
+        raise SpecError(f"{key}: cannot create {printable(root)}: {one_line(err)}") from None
     with lock_output(root, key, log):
         if overwrite:
             _empty(root, key, log)
@@ -80,7 +86,7 @@ def lock_output(root: Location, key: str = "output.path", log: Log = print) -> I
     """Hold `root`'s lock until the block ends, or refuse at once (naming the holder) when another
     process holds it. `root` must exist. What `retry-failed` takes on the output it rewrites."""
     if not root.local:
-        log(f"capfilt: {_shown(root)} is in an object store, which capfilt cannot lock: "
+        log(f"capfilt: {printable(root)} is in an object store, which capfilt cannot lock: "
             "make sure no other run writes it at the same time")  # fmt: skip
         yield
         return
@@ -89,15 +95,15 @@ def lock_output(root: Location, key: str = "output.path", log: Log = print) -> I
         # O_NOFOLLOW: a link planted under the lock's name must not make capfilt truncate its target.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as err:
-        raise SpecError(f"{key}: cannot create the lock file {_shown(path)}: {one_line(err)}") from None
+        raise SpecError(f"{key}: cannot create the lock file {printable(path)}: {one_line(err)}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             busy = f"is being written by another capfilt run ({_holder(fd)}); wait for it or stop it"
-            raise SpecError(f"{key}: {_shown(root)} {busy}") from None
+            raise SpecError(f"{key}: {printable(root)} {busy}") from None
         except OSError as err:  # a filesystem without locks (some network mounts): say so, go on
-            log(f"capfilt: cannot lock {_shown(root)} ({one_line(err)}): "
+            log(f"capfilt: cannot lock {printable(root)} ({one_line(err)}): "
                 "make sure no other run writes it at the same time")  # fmt: skip
         else:
             since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -109,17 +115,11 @@ def lock_output(root: Location, key: str = "output.path", log: Log = print) -> I
         os.close(fd)  # releases the lock; the file stays (removing it would race with a new holder)
 
 
-def _shown(value: object) -> str:
-    """A path as a message shows it: on one line, whatever characters it holds."""
-    text = str(value)
-    return text if text.isprintable() else repr(text)
-
-
 def _holder(fd: int) -> str:
     """Who holds the lock, as its holder wrote it; it may be writing it at this very moment."""
     try:
         found = json.loads(os.pread(fd, 4096, 0))
-        return f"pid {int(found['pid'])} on host {_shown(found['host'])} since {_shown(found['since'])}"
+        return f"pid {int(found['pid'])} on host {printable(found['host'])} since {printable(found['since'])}"
     except (OSError, ValueError, TypeError, KeyError):
         return "pid and host not known yet"
 
@@ -128,13 +128,13 @@ def _refuse_foreign(root: Location, key: str) -> None:
     try:
         names = {p.name for p in root.iterdir()}
     except OSError as err:
-        raise SpecError(f"{key}: cannot list {_shown(root)}: {one_line(err)}") from None
+        raise SpecError(f"{key}: cannot list {printable(root)}: {one_line(err)}") from None
     foreign = sorted(names - capfilt_names(root))
     if foreign:
         more = ", ..." if foreign[REFUSE_EXAMPLES:] else ""
-        examples = ", ".join(map(_shown, foreign[:REFUSE_EXAMPLES])) + more
+        examples = ", ".join(map(printable, foreign[:REFUSE_EXAMPLES])) + more
         raise SpecError(
-            f"{key}: {_shown(root)} holds files that are not a capfilt output (e.g. {examples}); use an "
+            f"{key}: {printable(root)} holds files that are not a capfilt output (e.g. {examples}); use an "
             "empty or new directory, or pass --overwrite to delete its contents and start afresh"
         )
 
@@ -145,14 +145,27 @@ def _refuse_precious(root: Location, key: str) -> None:
     if not root.local:
         if root.is_bucket:
             raise SpecError(
-                f"{key}: --overwrite will not delete a whole bucket, {_shown(root)} (name a prefix in it)"
+                f"{key}: --overwrite will not delete a whole bucket, {printable(root)} (name a prefix in it)"
             )
         return
     target = Path(os.path.realpath(root.path))
     for name, place in _precious_places():
         if target == place or target in place.parents:
-            what = name if target == place else f"it holds {name}, {_shown(place)}"
-            raise SpecError(f"{key}: --overwrite will not delete the contents of {_shown(root)} ({what})")
+            what = name if target == place else f"it holds {name}, {printable(place)}"
+            raise SpecError(f"{key}: --overwrite will not delete the contents of {printable(root)} ({what})")
+
+
+def _refuse_reads_inside(root: Location, key: str, reads: Sequence[tuple[str, str]]) -> None:
+    """The job's own inputs inside `root` would be deleted before the job reads them."""
+    if not root.local:
+        return
+    target = Path(os.path.realpath(root.path))
+    for name, value in reads:
+        if os.path.exists(value) and target in Path(os.path.realpath(value)).parents:
+            raise SpecError(
+                f"{key}: --overwrite will not delete the contents of {printable(root)}: it holds {name}, "
+                f"{printable(value)}"
+            )
 
 
 def _precious_places() -> Iterator[tuple[str, Path]]:
@@ -172,7 +185,7 @@ def _empty(root: Location, key: str, log: Log) -> None:
     try:
         entries = [p for p in root.iterdir() if p.name != LOCK_NAME]
     except OSError as err:
-        raise SpecError(f"{key}: cannot list {_shown(root)}: {one_line(err)}") from None
+        raise SpecError(f"{key}: cannot list {printable(root)}: {one_line(err)}") from None
     for entry in entries:
         try:
             if not entry.local and entry.is_dir():
@@ -184,6 +197,8 @@ def _empty(root: Location, key: str, log: Log) -> None:
             else:
                 os.unlink(entry.path)
         except OSError as err:
-            raise SpecError(f"{key}: --overwrite could not delete {_shown(entry)}: {one_line(err)}") from None
+            raise SpecError(
+                f"{key}: --overwrite could not delete {printable(entry)}: {one_line(err)}"
+            ) from None
     if entries:
-        log(f"capfilt: --overwrite: deleted the {len(entries)} entries in {_shown(root)}")
+        log(f"capfilt: --overwrite: deleted the {len(entries)} entries in {printable(root)}")

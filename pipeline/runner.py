@@ -68,7 +68,9 @@ def run_job(
     check_columns(spec.input)
     check_models(spec)
     preprocess = PreprocessStage.for_model(spec.captioner.model)  # a hub name resolves, or fails now
-    with claim_output(layout.root, overwrite, log=log):
+    reads = [("input.url_list", spec.input.url_list), ("captioner.model", spec.captioner.model),
+             ("filter.model", spec.filter.model)]  # fmt: skip
+    with claim_output(layout.root, overwrite, log=log, reads=reads):
         return _run_claimed(spec, layout, address, log, stage_type, preprocess)
 
 

@@ -40,6 +40,7 @@ class Route:
     headers: tuple[tuple[str, str], ...] = ()  # e.g. (("Content-Type", "image/jpeg"),)
     stall_s: float = 0.0  # sleep before answering, to exercise client timeouts
     trickle_s: float = 0.0  # send the body a byte at a time, this long apart (no read ever times out)
+    trickle_headers: bool = False  # with trickle_s: the status line and headers too
     reset: bool = False  # answer nothing: close the connection with a TCP reset
 
 
@@ -109,7 +110,12 @@ class StaticSite:
                         self.send_header(name, value)
                     if not {"content-length", "transfer-encoding"} & names:  # a route may lie on purpose
                         self.send_header("Content-Length", str(len(route.body)))
-                    self.end_headers()
+                    if route.trickle_headers:
+                        self._headers_buffer.append(b"\r\n")
+                        head, self._headers_buffer = b"".join(self._headers_buffer), []
+                        self._trickle(head, route.trickle_s)
+                    else:
+                        self.end_headers()
                     if self.command != "HEAD":
                         self._send_body(route)
                 except (BrokenPipeError, ConnectionResetError):
@@ -120,11 +126,14 @@ class StaticSite:
             def _send_body(self, route: Route) -> None:
                 if route.trickle_s <= 0:
                     self.wfile.write(route.body)
-                    return
-                for i in range(len(route.body)):
-                    self.wfile.write(route.body[i : i + 1])
+                else:
+                    self._trickle(route.body, route.trickle_s)
+
+            def _trickle(self, data: bytes, pause_s: float) -> None:
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
                     self.wfile.flush()
-                    time.sleep(route.trickle_s)
+                    time.sleep(pause_s)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet: tests and the demo should not spray one stderr line per request

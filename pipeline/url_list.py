@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from pipeline.config import InputSpec, SpecError
 from pipeline.duplicates import DuplicateCounter
 from pipeline.list_readers import UnreadableList, as_strings, batches, column_names
-from pipeline.messages import one_line
+from pipeline.messages import one_line, printable
 from pipeline.records import SHARD_SCHEMA
 from pipeline.storage import Location, parquet_file
 from pipeline.urlpolicy import NetworkPolicy, ascii_url, check_urls
@@ -163,15 +163,10 @@ def _source_identity(spec: InputSpec) -> str:
 
 
 def _listed(names: list[str]) -> str:
-    shown = ", ".join(_printable(n) for n in names[:_COLUMNS_LISTED]) or "none"
+    shown = ", ".join(printable(n) for n in names[:_COLUMNS_LISTED]) or "none"
     return shown + (f" and {len(names) - _COLUMNS_LISTED} more" if len(names) > _COLUMNS_LISTED else "")
 
 
-def _printable(text: str) -> str:
-    """Control characters escaped: a message is one line and must not drive the terminal."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
 def _unreadable(spec: InputSpec, err: Exception) -> SpecError:
-    reason = _printable(one_line(err))
+    reason = printable(one_line(err))
     return SpecError(f"input.url_list: cannot read {spec.url_list} as {spec.input_format}: {reason}")

@@ -82,11 +82,21 @@ def is_public_address(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def _unmapped(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The address, an IPv4-mapped IPv6 address (::ffff:10.0.0.1) as the IPv4 address it is."""
+    """The IPv4 address an IPv6 address carries, where it does: IPv4-mapped (::ffff:10.0.0.1), 6to4
+    (2002:a00:1::) and NAT64 (64:ff9b::a00:1) reach that IPv4 host, so they are judged as it is."""
     ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return ip
+    if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return ip
 
 

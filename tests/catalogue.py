@@ -59,8 +59,8 @@ def render() -> str:
         "",
         f"Every case below is run by the test suite ({total} cases), through the real pipeline where it "
         "involves HTTP (img2dataset fetching from a server on 127.0.0.1). A web-side case ends in a "
-        "fate, with its reason in the row's `error` column, and the job goes on; a user-side case is "
-        "refused with one line before any work starts. Fates are defined in [output.md](output.md).",
+        "fate, with its reason in the row's `error` column, and the job goes on; a user-side case "
+        "either runs as its outcome says or is refused with one line before any work starts. Fates are defined in [output.md](output.md).",
         "",
     ]
     for section in found:

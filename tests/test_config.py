@@ -17,7 +17,15 @@ import pytest
 import yaml
 
 from pipeline import __version__
-from pipeline.config import CaptionerSpec, DownloadSpec, JobSpec, SpecError, load_spec, spec_from_dict
+from pipeline.config import (
+    CaptionerSpec,
+    DownloadSpec,
+    JobSpec,
+    SpecError,
+    load_spec,
+    spec_from_dict,
+    typed_spec,
+)
 from tests.s3 import new_bucket
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -408,3 +416,21 @@ def test_a_url_list_must_exist_on_disk_or_in_its_store(tmp_path, s3_endpoint):
     bucket = new_bucket()  # moto's S3 on 127.0.0.1
     with pytest.raises(SpecError, match=rf"^input\.url_list: no such file: s3://{bucket}/urls\.parquet"):
         spec_from_dict({"input": {"url_list": f"s3://{bucket}/urls.parquet"}, "output": {"path": "out"}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "fingerprint", "download_fingerprint"),
+    [
+        ({"input": {"url_list": "urls.parquet"}, "output": {"path": "out"}}, "b774acc3f143dc43", "5956a64ce322bed5"),
+        ({"input": {"url_list": "urls.parquet", "url_col": "link"}, "output": {"path": "out", "shard_size": 16},
+          "filter": {"threshold": 0.3}, "download": {"timeout": 3}}, "13f0166f9f436060", "4a13e1b76271ba23"),
+    ],
+)  # fmt: skip
+def test_settings_added_later_leave_earlier_fingerprints_as_they_were(raw, fingerprint, download_fingerprint):
+    """The values capfilt wrote before the network lists, the body and pixel limits and extra columns
+    existed (commit 3911d98): an output made then still resumes, and retry-failed still finds its
+    shards finished. Set away from its default, a new setting does change them."""
+    spec = typed_spec(raw)
+    assert (spec.fingerprint(), spec.download_fingerprint()) == (fingerprint, download_fingerprint)
+    changed = typed_spec({**raw, "download": {**raw.get("download", {}), "max_body_bytes": 1000}})
+    assert changed.fingerprint() != fingerprint and changed.download_fingerprint() != download_fingerprint

@@ -229,8 +229,12 @@ def _stored_as_given(caption: str) -> Callable[[RowsJobs, dict[str, Any]], None]
 
 
 def _url(ending: str) -> Callable[[RowsJobs, dict[str, Any]], None]:
+    """The row keeps its URL as given (`ending` is enough to tell it from the others)."""
+
     def check(jobs: RowsJobs, row: dict[str, Any]) -> None:
-        assert row["url"] is not None and row["url"].endswith(ending), row["url"]
+        assert row["url"] is not None and row["url"].endswith(ending) and (ending or row["url"] == ""), row[
+            "url"
+        ]
 
     return check
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageFile
 
 from pipeline.fates import Fate
 from pipeline.fetch_guard import FetchGuard
@@ -67,11 +67,17 @@ def _halves(size: tuple[int, int] = (120, 60)) -> Image.Image:
     return image
 
 
-def _exif_rotated() -> bytes:
+def _exif_rotated(mode: str = "RGB") -> bytes:
     """Stored 120x60 (blue left), EXIF orientation 6: displayed 60x120, blue on top."""
     exif = Image.Exif()
     exif[0x0112] = 6
-    return _encode(_halves(), "JPEG", exif=exif.tobytes())
+    return _encode(_halves().convert(mode), "JPEG", exif=exif.tobytes())
+
+
+def _radiance_hdr() -> bytes:
+    import cv2
+
+    return cv2.imencode(".hdr", np.full((40, 60, 3), 0.5, np.float32))[1].tobytes()
 
 
 def _half_transparent_png() -> bytes:
@@ -113,6 +119,8 @@ def _chunked(body: bytes) -> bytes:
 
 SCENE = render_scene(7)
 JPEG = jpeg_bytes(SCENE[0])
+PNG = png_bytes(SCENE[0], "RGB")
+UNSIZED = "not an image format whose size can be read before decoding"
 HTML = b"<!doctype html><html><body>Not found</body></html>\n"
 
 
@@ -166,11 +174,15 @@ def _size(width: int, height: int) -> Callable[[Image.Image], None]:
 IMAGES = [
     WebCase(Case("truncated-jpeg", "a JPEG cut at 40 % of its bytes", Fate.DECODE_FAILED, "Image decoding error"),
             _ok(JPEG[: int(len(JPEG) * 0.4)])),
-    WebCase(Case("not-an-image", "text served as image/jpeg", Fate.DECODE_FAILED, "Image decoding error"),
+    WebCase(Case("truncated-png", "a PNG cut at half its bytes", Fate.DECODE_FAILED, "Image decoding error"),
+            _ok(PNG[: len(PNG) // 2], "image/png")),
+    WebCase(Case("not-an-image", "text served as image/jpeg", Fate.DECODE_FAILED, UNSIZED),
             _ok(b"just some text, not pixels\n" * 8)),
-    WebCase(Case("html-as-jpeg", "an HTML error page served as image/jpeg", Fate.DECODE_FAILED, "Image decoding error"),
+    WebCase(Case("html-as-jpeg", "an HTML error page served as image/jpeg", Fate.DECODE_FAILED, UNSIZED),
             _ok(HTML)),
-    WebCase(Case("empty-body", "200 with an empty body", Fate.DECODE_FAILED, "!buf.empty()"), _ok(b"")),
+    WebCase(Case("radiance-hdr", "a Radiance HDR image: OpenCV decodes it, its size cannot be read first", Fate.DECODE_FAILED,
+                 UNSIZED), _ok(_radiance_hdr(), "image/vnd.radiance")),
+    WebCase(Case("empty-body", "200 with an empty body", Fate.DECODE_FAILED, UNSIZED), _ok(b"")),
     WebCase(Case("png-alpha", "PNG whose top half is transparent", SCORED, "matted on white"),
             _ok(_half_transparent_png(), "image/png"), stored=_transparent_is_white),
     WebCase(Case("png-palette", "palette (P mode) PNG", SCORED), _ok(_encode(_halves().convert("P"), "PNG"), "image/png")),
@@ -184,6 +196,8 @@ IMAGES = [
     WebCase(Case("jpeg-gray", "grayscale JPEG", SCORED), _ok(jpeg_bytes(SCENE[0], mode="L"))),
     WebCase(Case("exif-rotated", "JPEG stored 120x60 with EXIF orientation 6", SCORED, "stored upright, 60x120"),
             _ok(_exif_rotated()), stored=_upright),
+    WebCase(Case("exif-rotated-cmyk", "the same as a CMYK JPEG", SCORED, "stored upright, 60x120"),
+            _ok(_exif_rotated("CMYK")), stored=_upright),
     WebCase(Case("animated-gif", "animated GIF, red then green", SCORED, "first frame"),
             _ok(_gif_first_red_then_green(), "image/gif"), stored=_first_frame),
     WebCase(Case("webp", "WebP", SCORED), _ok(_encode(SCENE[0], "WEBP"), "image/webp")),
@@ -209,6 +223,12 @@ TRANSPORT = [
             _ok(JPEG, stall_s=TIMEOUT_S + 1)),
     WebCase(Case("trickle", f"a byte every 0.1 s: every read is quick, the body takes 15 s (timeout {TIMEOUT_S} s)",
                  Fate.DOWNLOAD_FAILED, "timed out: the body took longer than"), _ok(JPEG[:150], trickle_s=0.1)),
+    WebCase(Case("trickle-headers", "the status line and headers a byte every 0.1 s", Fate.DOWNLOAD_FAILED,
+                 "timed out: "), _ok(JPEG[:150], trickle_s=0.1, trickle_headers=True)),
+    WebCase(Case("trickle-chunk-line", "a chunked body whose 100-byte chunk-size line comes a byte every 0.1 s",
+                 Fate.DOWNLOAD_FAILED, "timed out: the body took longer than"),
+            _ok(b"96;" + b"x" * 100 + b"\r\n" + JPEG[:150] + b"\r\n0\r\n\r\n", "image/jpeg",
+                ("Transfer-Encoding", "chunked"), trickle_s=0.1)),
     WebCase(Case("connection-reset", "the server resets the connection", Fate.DOWNLOAD_FAILED, "Connection reset"),
             Route(reset=True)),
     WebCase(Case("short-transfer", "declares the whole JPEG, sends 500 bytes and closes", Fate.DOWNLOAD_FAILED, "IncompleteRead"),
@@ -218,6 +238,8 @@ TRANSPORT = [
     WebCase(Case("non-ascii-url", "a URL with é in its path (sent percent-encoded, as browsers do)", SCORED,
                  "the row keeps the URL as given"), url="{site}/case/café.jpg"),
     WebCase(Case("redirect-good", "302 to a good image", SCORED), _redirect("/case/redirect-target")),
+    WebCase(Case("redirect-with-space", "302 to `/case/redirect target.jpg`, the space not encoded", SCORED),
+            _redirect("/case/redirect target.jpg")),
     WebCase(Case("redirect-chain", "301, 307 then 308 to a good image", SCORED), _redirect("/case/hop-1", 301)),
     WebCase(Case("redirect-loop", "a redirect to itself", Fate.DOWNLOAD_FAILED, "infinite loop"),
             _redirect("/case/redirect-loop")),
@@ -250,6 +272,7 @@ NETWORK = [
 ]  # fmt: skip
 
 EXTRA_ROUTES = {
+    "/case/redirect%20target.jpg": _ok(JPEG),
     "/case/caf%C3%A9.jpg": _ok(JPEG),
     "/case/redirect-target": _ok(JPEG),
     "/case/hop-1": _redirect("/case/hop-2", 307),
@@ -444,11 +467,22 @@ def test_the_guarded_opener_speaks_http_and_https_only(url):
 
 @pytest.mark.parametrize(
     "body",
-    [JPEG, _half_transparent_png(), _gif_first_red_then_green(), _encode(SCENE[0], "WEBP"), HTML, b""],
-    ids=["jpeg", "png-alpha", "gif", "webp", "html", "empty"],
+    [
+        JPEG,
+        PNG,
+        _half_transparent_png(),
+        _gif_first_red_then_green(),
+        _encode(SCENE[0], "WEBP"),
+        PNG[: len(PNG) // 2],
+    ],
+    ids=["jpeg", "png", "png-alpha", "gif", "webp", "truncated-png"],
 )
-def test_what_needs_no_fixing_reaches_the_decoder_as_it_came(body):
-    """Only bombs, EXIF-turned and 16-bit images are touched: the common case costs a header parse."""
+def test_what_needs_no_fixing_reaches_the_decoder_as_it_came_and_undecoded(body, monkeypatch):
+    """Only bombs, EXIF-turned and 16-bit images are touched, and the common case costs a header
+    parse: Pillow never decodes it (a truncated PNG shows it: decoding it would raise)."""
     from pipeline.image_guard import ImageGuard
 
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or None)
     assert ImageGuard(MAX_IMAGE_PIXELS).prepare(body) is body
+    assert decoded == []

@@ -132,6 +132,14 @@ def _earlier_output(user: User, case: Case) -> None:
     user.runs("run", user.job())
 
 
+def _overwrite_holding_the_url_list(user: User, case: Case) -> None:
+    user.out.mkdir()
+    inside = user.out / "urls.parquet"
+    inside.write_bytes(user.url_list.read_bytes())
+    user.refused(case, "run", user.job({"input": {"url_list": str(inside)}}), "--overwrite")
+    assert inside.is_file()
+
+
 def _foreign_files(user: User, case: Case) -> None:
     user.out.mkdir()
     (user.out / "notes.txt").write_text("mine")
@@ -245,7 +253,7 @@ OUTPUT = [
     UserCase(Case("retry-while-writing", "`capfilt retry-failed OUT` while a run writes OUT", ERROR,
                  "is being written by another capfilt run"), _retry_while_writing),
     UserCase(Case("rethreshold-into-busy", "`capfilt rethreshold --out NEW` while another rethreshold builds NEW", ERROR,
-                 "--out: "), _rethreshold_into_busy),
+                 "is being written by another capfilt run"), _rethreshold_into_busy),
     UserCase(Case("overwrite-home", "`--overwrite` with `output.path` the home directory", ERROR,
                  "--overwrite will not delete the contents of"), _overwrite_home),
     UserCase(Case("overwrite-root", "`--overwrite` with `output.path: /`", ERROR,
@@ -254,6 +262,8 @@ OUTPUT = [
             _overwrite_working_directory),
     UserCase(Case("overwrite-above-working-directory", "`--overwrite` with `output.path: ..`", ERROR,
                  "(it holds the working directory"), _overwrite_above_working_directory),
+    UserCase(Case("overwrite-holding-the-url-list", "`--overwrite` of a directory that holds the job's own URL list",
+                  ERROR, "--overwrite will not delete the contents of"), _overwrite_holding_the_url_list),
     UserCase(Case("planted-lock-link", f"`{LOCK_NAME}` is a symbolic link to a file elsewhere", ERROR,
                  "cannot create the lock file"), _planted_lock_link),
 ]  # fmt: skip
@@ -823,6 +833,7 @@ FOUND_BY_FUZZING = {
     "line-break-in-key": ('captioner: {"top\\np": 0.9}\n', [], "captioner.top\\np: unknown key"),
     "alias-in-override": ("", ["captioner.num_captions=&a [*a]"], "captioner.num_captions: expected integer, got '&a [*a]'"),
     "bad-explicit-tag": ("filter: {threshold: !!float high}\n", [], "not valid YAML: tag:yaml.org,2002:float 'high' cannot be read: ValueError"),
+    "nested-too-deeply": ("x: " + "[" * 5000 + "]" * 5000 + "\n", [], "not valid YAML: nested too deeply"),
     "empty-int-tag": ("filter: {batch_size: !!int }\n", [], "not valid YAML"),
 }  # fmt: skip
 
