@@ -76,7 +76,7 @@ def test_a_second_demo_into_the_same_directory_starts_afresh(tmp_path):
     assert "//" not in done.stdout.replace("://", "")
 
 
-def test_ctrl_c_during_the_download_exits_130_and_says_so(tmp_path, web):
+def test_ctrl_c_during_the_download_exits_130_and_says_so(tmp_path, web, tiny_models):
     site, _ = web
     site.add("/stall/forever.jpg", Route(body=b"never", stall_s=60))
     url_list = tmp_path / "urls.csv"
@@ -85,6 +85,8 @@ def test_ctrl_c_during_the_download_exits_130_and_says_so(tmp_path, web):
     job.write_text(yaml.safe_dump({
         "input": {"url_list": str(url_list), "input_format": "csv"},
         "download": {"allow_private_networks": True, "timeout": 60},
+        "captioner": {"model": str(tiny_models.captioner)},  # checked, and its processor read, before any work
+        "filter": {"model": str(tiny_models.itm)},
         "output": {"path": str(tmp_path / "out")},
     }))  # fmt: skip
     process = subprocess.Popen(
