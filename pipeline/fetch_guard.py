@@ -62,8 +62,7 @@ class FetchGuard:
     def opener(self) -> urllib.request.OpenerDirector:
         opener = urllib.request.OpenerDirector()
         for handler in (
-            _GuardedHTTPHandler(self.policy, self.timeout),
-            _GuardedHTTPSHandler(self.policy, self.timeout),
+            _GuardedHandler(self.policy, self.timeout),
             _GuardedRedirects(self.policy),
             _BodyBounds(self.max_body_bytes, self.timeout),
             urllib.request.HTTPDefaultErrorHandler(),
@@ -137,26 +136,27 @@ class _GuardedHTTPSConnection(_Guarded, http.client.HTTPSConnection):
     pass
 
 
-class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+class _GuardedHandler(urllib.request.HTTPSHandler):
+    """http and https, each through its guarded connection."""
+
+    http_request = (
+        urllib.request.AbstractHTTPHandler.do_request_
+    )  # HTTPHandler's, as HTTPSHandler has https's
+
     def __init__(self, policy: NetworkPolicy, timeout: float) -> None:
         super().__init__()
         self.policy, self.timeout = policy, timeout
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        connection = functools.partial(_GuardedHTTPConnection, policy=self.policy, deadline_s=self.timeout)
-        with _timed_out_after(self.timeout, req):
-            return self.do_open(connection, req)
-
-
-class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy: NetworkPolicy, timeout: float) -> None:
-        super().__init__()
-        self.policy, self.timeout = policy, timeout
+        return self._open(_GuardedHTTPConnection, req)
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        connection = functools.partial(_GuardedHTTPSConnection, policy=self.policy, deadline_s=self.timeout)
+        return self._open(_GuardedHTTPSConnection, req, context=self._context)
+
+    def _open(self, kind: type, req: urllib.request.Request, **extra: Any) -> http.client.HTTPResponse:
+        connection = functools.partial(kind, policy=self.policy, deadline_s=self.timeout)
         with _timed_out_after(self.timeout, req):
-            return self.do_open(connection, req, context=self._context)
+            return self.do_open(connection, req, **extra)
 
 
 @contextlib.contextmanager

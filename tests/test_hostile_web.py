@@ -430,15 +430,17 @@ def test_all_web_cases_together_every_row_once_and_the_fates_add_up(web_job):
 # --- the guard on its own: what the pipeline's earlier checks never let it see ---------------------------
 
 
-def test_the_connection_itself_is_refused_for_a_denied_address_even_without_a_url_check():
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_the_connection_itself_is_refused_for_a_denied_address_even_without_a_url_check(scheme):
     """A URL that passed the list's check (or a name whose DNS answer changed since) still cannot
-    connect: the address is checked where the socket is opened."""
+    connect: the address is checked where the socket is opened, before any TLS handshake."""
     with StaticSite({"/secret.jpg": _ok(JPEG)}, host=DENIED_HOST) as denied:
         guard = FetchGuard(NetworkPolicy(True, (), (f"{DENIED_HOST}/32",)), MAX_BODY_BYTES, TIMEOUT_S)
+        url = denied.url("/secret.jpg").replace("http:", f"{scheme}:")
         with pytest.raises(
             Exception, match=f"blocked: host {DENIED_HOST}: {DENIED_HOST} is in denied network"
         ):
-            guard.opener().open(denied.url("/secret.jpg"), timeout=TIMEOUT_S)
+            guard.opener().open(url, timeout=TIMEOUT_S)
         assert denied.total_hits == 0
 
 
