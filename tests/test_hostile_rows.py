@@ -65,7 +65,7 @@ FILES = [
          "it is gzip-compressed, not csv text (name it .gz"),
     Case("malformed-json-line", "jsonl whose third line is not JSON", ERROR, "line 3: not JSON"),
     Case("malformed-csv-row", "a CSV of 40,000 rows whose row 30,000 has four fields: refused when prepared, "
-         "before any download", ERROR, "Expected 2 columns, got 4: http://bad,too,many,fields (after data row"),
+         "before any download", ERROR, "Expected 2 columns, got 4: http://127.0.0.1/bad,too,many,fields (after data row"),
     Case("missing-url-column", "no column `url`", ERROR,
          "input.url_col: column 'url' not found in … urls.csv (columns: link, caption)"),
     Case("missing-caption-column", "no column `caption` (the default caption_col)", ERROR,
@@ -342,7 +342,7 @@ def _write_list(case: str, tmp: Path) -> tuple[Path, dict[str, Any]]:
 
 def _malformed_csv(path: Path) -> None:
     lines = ["url,caption"] + [f"http://127.0.0.1:9/{i}.jpg,picture {i}" for i in range(40_000)]
-    lines[30_000] = "http://bad,too,many,fields"
+    lines[30_000] = "http://127.0.0.1/bad,too,many,fields"
     path.write_text("\n".join(lines) + "\n")
 
 

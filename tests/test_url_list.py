@@ -29,10 +29,12 @@ def _rows(spec: InputSpec) -> list[dict]:
 
 def test_a_csv_with_bytes_that_are_not_utf8_is_read_with_replacement_characters(tmp_path):
     path = tmp_path / "urls.csv"
-    path.write_bytes(b'url,caption\nhttp://a/\xff.jpg,"caf\xe9 \x00 \x1b[0m\r\nnext line"\nhttp://b/x.jpg,\n')
+    path.write_bytes(
+        b'url,caption\nhttp://127.0.0.1/a/\xff.jpg,"caf\xe9 \x00 \x1b[0m\r\nnext line"\nhttp://127.0.0.1/b/x.jpg,\n'
+    )
     assert _rows(InputSpec(str(path), "csv")) == [
-        {"url": "http://a/\ufffd.jpg", "caption": "caf\ufffd \x00 \x1b[0m\r\nnext line"},
-        {"url": "http://b/x.jpg", "caption": ""},  # CSV has no null: an empty field is ""
+        {"url": "http://127.0.0.1/a/\ufffd.jpg", "caption": "caf\ufffd \x00 \x1b[0m\r\nnext line"},
+        {"url": "http://127.0.0.1/b/x.jpg", "caption": ""},  # CSV has no null: an empty field is ""
     ]
 
 
@@ -55,46 +57,54 @@ def test_parquet_columns_of_any_type_become_strings(tmp_path):
 def test_json_lines_with_odd_values_are_read_row_by_row_in_the_block_that_has_them(tmp_path):
     path = tmp_path / "urls.jsonl"
     path.write_bytes(
-        b'{"url": "http://a/1.jpg", "caption": "caf\xe9", "id": 1}\n\n'
+        b'{"url": "http://127.0.0.1/a/1.jpg", "caption": "caf\xe9", "id": 1}\n\n'
         b'{"url": 5, "caption": null, "id": {"nested": true}}\n'
-        b'{"url": "http://a/3.jpg", "caption": "raw \x1b control", "other": 1}\n'
-        b'{"url": "http://a/4.jpg", "caption": "\\ud800 lone surrogate", "id": "x"}\n'
+        b'{"url": "http://127.0.0.1/a/3.jpg", "caption": "raw \x1b control", "other": 1}\n'
+        b'{"url": "http://127.0.0.1/a/4.jpg", "caption": "\\ud800 lone surrogate", "id": "x"}\n'
     )
     assert _rows(InputSpec(str(path), "jsonl", extra_columns=("id",))) == [
-        {"url": "http://a/1.jpg", "caption": "caf\ufffd", f"{EXTRA_PREFIX}id": "1"},
+        {"url": "http://127.0.0.1/a/1.jpg", "caption": "caf\ufffd", f"{EXTRA_PREFIX}id": "1"},
         {"url": "5", "caption": None, f"{EXTRA_PREFIX}id": '{"nested": true}'},
-        {"url": "http://a/3.jpg", "caption": "raw \x1b control", f"{EXTRA_PREFIX}id": None},
-        {"url": "http://a/4.jpg", "caption": "\ufffd\ufffd\ufffd lone surrogate", f"{EXTRA_PREFIX}id": "x"},
+        {"url": "http://127.0.0.1/a/3.jpg", "caption": "raw \x1b control", f"{EXTRA_PREFIX}id": None},
+        {
+            "url": "http://127.0.0.1/a/4.jpg",
+            "caption": "\ufffd\ufffd\ufffd lone surrogate",
+            f"{EXTRA_PREFIX}id": "x",
+        },
     ]
 
 
 @pytest.mark.parametrize("block_bytes", [16, 256])  # lines longer than a block; blocks of a few lines
 def test_json_lines_are_streamed_in_blocks_and_a_malformed_line_is_named(tmp_path, monkeypatch, block_bytes):
     monkeypatch.setattr(list_readers, "BLOCK_BYTES", block_bytes)  # many blocks, each parsed on its own
-    lines = [json.dumps({"url": f"http://a/{i}.jpg", "caption": f"c{i}"}) for i in range(200)]
+    lines = [json.dumps({"url": f"http://127.0.0.1/a/{i}.jpg", "caption": f"c{i}"}) for i in range(200)]
     lines[150] = '{"url": 150, "caption": "a number in a block of strings"}'
     path = tmp_path / "urls.jsonl"
     path.write_text("\n".join(lines) + "\n")
     rows = _rows(InputSpec(str(path), "jsonl"))
-    assert [r["url"] for r in rows] == [f"http://a/{i}.jpg" if i != 150 else "150" for i in range(200)]
+    assert [r["url"] for r in rows] == [
+        f"http://127.0.0.1/a/{i}.jpg" if i != 150 else "150" for i in range(200)
+    ]
 
-    lines[180] = '{"url": "http://a/180.jpg", "caption": '
+    lines[180] = '{"url": "http://127.0.0.1/a/180.jpg", "caption": '
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(SpecError, match=r"as jsonl: line 181: not JSON: Expecting value \(column 40\)$"):
+    with pytest.raises(SpecError, match=r"as jsonl: line 181: not JSON: Expecting value \(column 50\)$"):
         _rows(InputSpec(str(path), "jsonl"))
 
 
 def test_a_json_line_too_long_to_be_a_row_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(list_readers, "MAX_LINE_BYTES", 1 << 20)
     path = tmp_path / "urls.jsonl"
-    path.write_text('{"url": "http://a/1.jpg"}\n[' + '"x", ' * 400_000 + '"x"]\n')
+    path.write_text('{"url": "http://127.0.0.1/a/1.jpg"}\n[' + '"x", ' * 400_000 + '"x"]\n')
     with pytest.raises(SpecError, match=r"as jsonl: line 2 is longer than 1 MiB$"):
         _rows(InputSpec(str(path), "jsonl", caption_col=None))
 
 
 def test_the_columns_of_json_lines_come_from_the_first_block(tmp_path):
     path = tmp_path / "urls.jsonl"
-    path.write_text('{"url": "http://a/1.jpg"}\n{"url": "http://a/2.jpg", "caption": "x", "id": 3}\n')
+    path.write_text(
+        '{"url": "http://127.0.0.1/a/1.jpg"}\n{"url": "http://127.0.0.1/a/2.jpg", "caption": "x", "id": 3}\n'
+    )
     check_columns(InputSpec(str(path), "jsonl", extra_columns=("id",)))
     with pytest.raises(
         SpecError, match=r"column 'link' not found in .*urls.jsonl \(columns: url, caption, id\)"
@@ -105,14 +115,14 @@ def test_the_columns_of_json_lines_come_from_the_first_block(tmp_path):
 @pytest.mark.parametrize(
     ("bad_row", "says"),
     [
-        ("http://a/bad.jpg,two,more", "CSV parse error: Expected 2 columns, got 3: http://a/bad.jpg,two,more (after data row"),
-        ("http://a/bad.jpg," + "x" * 600_000, "CSV parse error: a row after data row 39999 is longer than 256 KiB"),
+        ("http://127.0.0.1/a/bad.jpg,two,more", "CSV parse error: Expected 2 columns, got 3: http://127.0.0.1/a/bad.jpg,two,more (after data row"),
+        ("http://127.0.0.1/a/bad.jpg," + "x" * 600_000, "CSV parse error: a row after data row 39999 is longer than 256 KiB"),
     ],
 )  # fmt: skip
 def test_a_malformed_csv_row_deep_in_the_file_is_refused_with_its_text_and_nothing_is_left(
     tmp_path, bad_row, says
 ):
-    lines = ["url,caption"] + [f"http://a/{i:05d}.jpg,picture {i:05d}" for i in range(50_000)]
+    lines = ["url,caption"] + [f"http://127.0.0.1/a/{i:05d}.jpg,picture {i:05d}" for i in range(50_000)]
     lines[40_000] = bad_row
     path = tmp_path / "urls.csv"
     path.write_text("\n".join(lines) + "\n")
@@ -129,7 +139,7 @@ def test_a_malformed_csv_row_deep_in_the_file_is_refused_with_its_text_and_nothi
 
 def test_a_control_character_in_a_message_is_escaped(tmp_path):
     path = tmp_path / "urls.csv"
-    path.write_bytes(b"link\x1b[2J,caption\nhttp://a/1.jpg,x\n")
+    path.write_bytes(b"link\x1b[2J,caption\nhttp://127.0.0.1/a/1.jpg,x\n")
     with pytest.raises(SpecError) as raised:
         check_columns(InputSpec(str(path), "csv"))
     assert "columns: link\\x1b[2J, caption" in str(raised.value) and "\x1b" not in str(raised.value)
@@ -137,8 +147,13 @@ def test_a_control_character_in_a_message_is_escaped(tmp_path):
 
 def test_repeated_urls_are_counted_as_a_set_would_count_them():
     rng = random.Random(0)
-    urls = [rng.choice([f"http://a/{rng.randrange(3000)}.jpg", None, "", "  "]) for _ in range(20_000)]
-    urls += [" http://a/1.jpg ", "http://a/1.jpg"]  # compared stripped, as they are fetched
+    urls = [
+        rng.choice([f"http://127.0.0.1/a/{rng.randrange(3000)}.jpg", None, "", "  "]) for _ in range(20_000)
+    ]
+    urls += [
+        " http://127.0.0.1/a/1.jpg ",
+        "http://127.0.0.1/a/1.jpg",
+    ]  # compared stripped, as they are fetched
     counter = DuplicateCounter()
     for start in range(0, len(urls), 999):
         counter.add(urls[start : start + 999])
@@ -149,15 +164,24 @@ def test_repeated_urls_are_counted_as_a_set_would_count_them():
 def test_prepare_keeps_every_row_counts_repeats_and_the_count_survives_a_resume(tmp_path):
     path = tmp_path / "urls.csv"
     path.write_text(
-        "url,caption\nhttp://a/1.jpg,one\n http://a/1.jpg ,two\nnot a url,x\nnot a url,y\n,z\n,w\n"
+        "url,caption\nhttp://127.0.0.1/a/1.jpg,one\n http://127.0.0.1/a/1.jpg ,two\nnot a url,x\nnot a url,y\n,z\n,w\n"
     )
     spec = InputSpec(str(path), "csv")
     out = Location.of(tmp_path / "_input.parquet")
     assert prepare(spec, OPEN, out, "fp", downloaded=False) == 6
-    assert duplicate_urls(out) == 2  # the second http://a/1.jpg and the second "not a url"; "" is no URL
+    assert (
+        duplicate_urls(out) == 2
+    )  # the second http://127.0.0.1/a/1.jpg and the second "not a url"; "" is no URL
     written = pq.read_table(out).to_pylist()
     assert [r["capfilt_caption"] for r in written] == ["one", "two", "x", "y", "z", "w"]
-    assert [r["url"] for r in written] == ["http://a/1.jpg", "http://a/1.jpg", "", "", "", ""]
+    assert [r["url"] for r in written] == [
+        "http://127.0.0.1/a/1.jpg",
+        "http://127.0.0.1/a/1.jpg",
+        "",
+        "",
+        "",
+        "",
+    ]
     before = out.identity()
     assert prepare(spec, OPEN, out, "fp", downloaded=True) == 6  # reused, not written again
     assert out.identity() == before and duplicate_urls(out) == 2

@@ -132,10 +132,10 @@ def test_localhost_is_blocked_by_the_real_resolver():
         ("\t\n", Fate.INVALID_INPUT, "empty url"),
         ("not a url", Fate.INVALID_INPUT, "not a url: it contains the character ' '"),
         ("notaurl", Fate.INVALID_INPUT, "not a url: no scheme"),
-        ("http://cdn.test/a b.jpg", Fate.INVALID_INPUT, "not a url: it contains the character ' '"),
-        ("http://cdn.test/a.jpg\x00", Fate.INVALID_INPUT, "not a url: it contains the character '\\x00'"),
-        ("http://cdn.test/\x1b[31m.jpg", Fate.INVALID_INPUT, "not a url: it contains the character '\\x1b'"),
-        ("http://cdn.test/a\ufffd.jpg", Fate.INVALID_INPUT, "not a url: it was not valid UTF-8 in the input"),
+        (http_url("cdn.test", "/a b.jpg"), Fate.INVALID_INPUT, "not a url: it contains the character ' '"),
+        (http_url("cdn.test", "/a.jpg\x00"), Fate.INVALID_INPUT, "not a url: it contains the character '\\x00'"),
+        (http_url("cdn.test", "/\x1b[31m.jpg"), Fate.INVALID_INPUT, "not a url: it contains the character '\\x1b'"),
+        (http_url("cdn.test", "/a\ufffd.jpg"), Fate.INVALID_INPUT, "not a url: it was not valid UTF-8 in the input"),
         ("//cdn.test/a.jpg", Fate.INVALID_INPUT, "not a url: no scheme"),
         ("http://", Fate.INVALID_INPUT, "not a url: no host"),
         ("http:///a.jpg", Fate.INVALID_INPUT, "not a url: no host"),
@@ -266,11 +266,11 @@ def test_a_denied_network_makes_names_resolve_even_when_private_networks_are_all
         return ["10.1.1.1"]
 
     policy = NetworkPolicy(True, denied_networks=("10.0.0.0/8",))
-    verdict = check_url("http://intranet.test/a.jpg", policy=policy, resolver=resolver)
+    verdict = check_url(http_url("intranet.test"), policy=policy, resolver=resolver)
     assert asked == ["intranet.test"]
     assert verdict is not None and verdict.fate == Fate.BLOCKED
     assert verdict.error == "host intranet.test: 10.1.1.1 is in denied network 10.0.0.0/8"
-    assert check_url("http://intranet.test/a.jpg", policy=NetworkPolicy(True), resolver=no_dns) is None
+    assert check_url(http_url("intranet.test"), policy=NetworkPolicy(True), resolver=no_dns) is None
 
 
 # --- non-ASCII URLs -----------------------------------------------------------------------------------
@@ -279,11 +279,14 @@ def test_a_denied_network_makes_names_resolve_even_when_private_networks_are_all
 @pytest.mark.parametrize(
     ("url", "sent"),
     [
-        ("http://cdn.test/a.jpg?x=1#top", "http://cdn.test/a.jpg?x=1#top"),
-        ("  http://cdn.test/a%20b.jpg  ", "http://cdn.test/a%20b.jpg"),
-        ("http://cdn.test/café/naïve.jpg", "http://cdn.test/caf%C3%A9/na%C3%AFve.jpg"),
-        ("http://cdn.test/a.jpg?q=日本", "http://cdn.test/a.jpg?q=%E6%97%A5%E6%9C%AC"),
-        ("https://bücher.test:8443/ä.png", "https://xn--bcher-kva.test:8443/%C3%A4.png"),
+        (http_url("cdn.test", "/a.jpg?x=1#top"), http_url("cdn.test", "/a.jpg?x=1#top")),
+        (f"  {http_url('cdn.test', '/a%20b.jpg')}  ", http_url("cdn.test", "/a%20b.jpg")),
+        (http_url("cdn.test", "/café/naïve.jpg"), http_url("cdn.test", "/caf%C3%A9/na%C3%AFve.jpg")),
+        (http_url("cdn.test", "/a.jpg?q=日本"), http_url("cdn.test", "/a.jpg?q=%E6%97%A5%E6%9C%AC")),
+        (
+            http_url("bücher.test:8443", "/ä.png", "https"),
+            http_url("xn--bcher-kva.test:8443", "/%C3%A4.png", "https"),
+        ),
         ("http://üser:pä@cdn.test/a.jpg", "http://%C3%BCser:p%C3%A4@cdn.test/a.jpg"),
         ("http://[::1]:8080/é", "http://[::1]:8080/%C3%A9"),
     ],
