@@ -31,7 +31,7 @@ from pipeline.records import shard_schema
 from pipeline.resources import Resources
 from pipeline.storage import read_parquet
 from pipeline.tars import read_jpegs
-from pipeline.url_list import CAPTION, ERROR, EXTRA_PREFIX, FATE, URL, extra_names
+from pipeline.url_list import CAPTION, ERROR, FATE, URL, extra_column, extra_names
 
 Record = dict[str, Any]
 
@@ -130,7 +130,7 @@ class ShardWriter:
             "kept_captions": None,
             "selected_caption": None,
             # The input's extra columns, after the fixed ones, under their input names.
-            **{k.removeprefix(EXTRA_PREFIX): v for k, v in row.items() if k.startswith(EXTRA_PREFIX)},
+            **{name: row[extra_column(name)] for name in extra_names(row)},
         }
         status = row["status"]
         if row[FATE]:
