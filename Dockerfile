@@ -38,7 +38,7 @@ ENV NO_ALBUMENTATIONS_UPDATE=1 \
 # 2.13.0 is the torch capfilt is tested with. The installed Ray and torch are then written down
 # as pip constraints, so installing capfilt can neither replace torch (with a CPU or another CUDA
 # build) nor move Ray away from the version the cluster runs. transformers is pinned too: the actor's
-# SDPA attention (pipeline/attention.py) is checked against that version's BLIP code, and under any
+# SDPA attention (pipeline/curate/attention.py) is checked against that version's BLIP code, and under any
 # other version the models run with eager attention, slower (docs/performance.md).
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
@@ -68,4 +68,4 @@ RUN pip install --no-cache-dir --constraint /home/ray/capfilt-constraints.txt "/
     && capfilt --version \
     && python -c "import gcsfs, img2dataset, ray.data, s3fs, torch; \
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval; \
-import pipeline.runner, pipeline.attention; assert torch.version.cuda, torch.__version__"
+import pipeline.job.runner, pipeline.curate.attention; assert torch.version.cuda, torch.__version__"

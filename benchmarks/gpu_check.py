@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.capfilt_stage import CapFiltStage
-from pipeline.config import CaptionerSpec, FilterSpec
+from pipeline.curate.capfilt_stage import CapFiltStage
+from pipeline.curate.tiny_models import write_tiny_models
 from pipeline.perf.model_cost import capfilt_stage, compare, load_stage, write_architecture
-from pipeline.tiny_models import write_tiny_models
+from pipeline.spec.config import CaptionerSpec, FilterSpec
 
 NEW_TOKENS = 20
 

@@ -23,14 +23,14 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from pipeline.config import spec_from_dict
-from pipeline.inspection import inspect_output
-from pipeline.job_output import JobOutput
-from pipeline.layout import OutputLayout, write_json_atomically
-from pipeline.manifest import build_manifest
-from pipeline.report_html import write_report
-from pipeline.rethreshold import rethreshold
-from pipeline.shard_writer import Scores, ShardWriter
+from pipeline.inspect.inspection import inspect_output
+from pipeline.inspect.report_html import write_report
+from pipeline.job.rethreshold import rethreshold
+from pipeline.output.job_output import JobOutput
+from pipeline.output.manifest import build_manifest
+from pipeline.output.shard_writer import Scores, ShardWriter
+from pipeline.spec.config import spec_from_dict
+from pipeline.spec.layout import OutputLayout, write_json_atomically
 
 
 def build_output(root: Path, shards: int, rows: int, seed: int = 0) -> int:

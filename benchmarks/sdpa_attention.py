@@ -19,7 +19,7 @@ from transformers import (
     BlipVisionModel,
 )
 
-from pipeline.attention import use_sdpa
+from pipeline.curate.attention import use_sdpa
 
 torch.set_num_threads(2)
 torch.manual_seed(0)

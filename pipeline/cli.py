@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.cluster_jobs import ClusterError
-from pipeline.config import SpecError, load_spec
-from pipeline.job_output import OutputError
+from pipeline.job.cluster_jobs import ClusterError
+from pipeline.output.job_output import OutputError
+from pipeline.spec.config import SpecError, load_spec
 
 DEMO_ROWS = 300  # 29 s on 2 cores (README: `time capfilt demo`)
 
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.job, overrides=args.set)  # before importing Ray and torch: bad specs fail fast
-    from pipeline.runner import run_job
-    from pipeline.summary import format_summary
+    from pipeline.job.runner import run_job
+    from pipeline.output.summary import format_summary
 
     result = run_job(spec, address=args.address or os.environ.get("RAY_ADDRESS"), overwrite=args.overwrite)
     print(format_summary(result.manifest, spec.output.path))
@@ -46,9 +46,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipeline.cluster_jobs import submit
-    from pipeline.storage import is_uri
-    from pipeline.url_list import check_columns
+    from pipeline.core.storage import is_uri
+    from pipeline.ingest.url_list import check_columns
+    from pipeline.job.cluster_jobs import submit
 
     spec = load_spec(args.job, overrides=args.set, check_files=False).with_absolute_paths()
     # A URL list in an object store is left to the cluster: its credentials are the ones that count.
@@ -64,7 +64,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pipeline.cluster_jobs import ENDED, SUCCEEDED, status
+    from pipeline.job.cluster_jobs import ENDED, SUCCEEDED, status
 
     found = status(args.job_id, args.address)
     print(f"{found['job_id']}: {found['status']}" + (f" ({found['message']})" if found["message"] else ""))
@@ -75,7 +75,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from pipeline.cluster_jobs import SUCCEEDED, logs
+    from pipeline.job.cluster_jobs import SUCCEEDED, logs
 
     final = logs(args.job_id, args.address, args.follow, write=lambda text: print(text, end="", flush=True))
     if args.follow:
@@ -85,7 +85,7 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from pipeline.cluster_jobs import stop
+    from pipeline.job.cluster_jobs import stop
 
     if stop(args.job_id, args.address):
         print(f"stopping {args.job_id}; finished shards are kept, submit the same spec again to resume")
@@ -95,8 +95,8 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import examples, run_demo
-    from pipeline.summary import format_summary
+    from pipeline.output.summary import format_summary
+    from pipeline.synthetic.demo import examples, run_demo
 
     started = time.monotonic()
     result = run_demo(Path(args.out), rows=args.rows, address=args.address)
@@ -111,14 +111,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from pipeline.inspect_text import format_inspection
-    from pipeline.inspection import inspect_output
-    from pipeline.job_output import JobOutput
+    from pipeline.inspect.inspect_text import format_inspection
+    from pipeline.inspect.inspection import inspect_output
+    from pipeline.output.job_output import JobOutput
 
     output = JobOutput.open(args.out_dir)
     found = inspect_output(output, samples=args.samples)
     if args.html:  # first: a closed stdout (`| head`) must not cost the report
-        from pipeline.report_html import write_report
+        from pipeline.inspect.report_html import write_report
 
         write_report(found, output, Path(args.html))
     print(format_inspection(found, output.layout.root))
@@ -128,9 +128,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _rethreshold(args: argparse.Namespace) -> int:
-    from pipeline.job_output import JobOutput
-    from pipeline.rethreshold import rethreshold
-    from pipeline.summary import format_summary
+    from pipeline.job.rethreshold import rethreshold
+    from pipeline.output.job_output import JobOutput
+    from pipeline.output.summary import format_summary
 
     manifest = rethreshold(JobOutput.open(args.out_dir), args.threshold, args.out)
     print(format_summary(manifest, args.out))
@@ -138,9 +138,9 @@ def _rethreshold(args: argparse.Namespace) -> int:
 
 
 def _retry_failed(args: argparse.Namespace) -> int:
-    from pipeline.job_output import JobOutput
-    from pipeline.retry import retry_failed
-    from pipeline.summary import format_summary
+    from pipeline.job.retry import retry_failed
+    from pipeline.output.job_output import JobOutput
+    from pipeline.output.summary import format_summary
 
     result = retry_failed(JobOutput.open(args.out_dir), address=args.address or os.environ.get("RAY_ADDRESS"))
     if result.retried:
@@ -158,7 +158,7 @@ def _tiny_models(args: argparse.Namespace) -> int:
 
         paths = export_trained_models(Path(args.dir))
     else:
-        from pipeline.tiny_models import write_tiny_models
+        from pipeline.curate.tiny_models import write_tiny_models
 
         paths = write_tiny_models(Path(args.dir), seed=args.seed)
     print(f"captioner: {paths.captioner}\nfilter:    {paths.itm}")

@@ -25,7 +25,7 @@ class Case:
 
     name: str  # short id, also the pytest id
     given: str  # what the input is, in words
-    outcome: str  # a fate (`pipeline.fates.Fate`), SCORED, ERROR, or RUNS and how
+    outcome: str  # a fate (`pipeline.spec.fates.Fate`), SCORED, ERROR, or RUNS and how
     says: str = (
         ""  # a fragment the row's `error` or the error line contains; for a scored row, what is checked
     )

@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.config import JobSpec, spec_from_dict
-from pipeline.layout import OutputLayout
-from pipeline.runner import JobResult
-from pipeline.sample_web import SamplePair, StaticSite, sample_web
-from pipeline.tiny_models import TinyModelPaths, write_tiny_models
+from pipeline.curate.tiny_models import TinyModelPaths, write_tiny_models
+from pipeline.job.runner import JobResult
+from pipeline.spec.config import JobSpec, spec_from_dict
+from pipeline.spec.layout import OutputLayout
+from pipeline.synthetic.sample_web import SamplePair, StaticSite, sample_web
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +56,7 @@ def ray_local(s3_endpoint) -> Iterator[None]:
     """One local Ray; started after the S3 endpoint is in the environment, so its workers have it."""
     import ray
 
-    from pipeline.runner import WORKER_ENV
+    from pipeline.job.runner import WORKER_ENV
 
     # "local": a Ray of its own, even while a test's `ray start` or multi-node cluster is the one a
     # plain ray.init() would join.
@@ -109,7 +109,7 @@ def curated_job(tmp_path_factory, ray_local) -> JobResult:
     curated by the shipped trained models into 5 shards, with kept and filtered images, dropped web
     captions and every failure fate. Shared read-only by the tests of what users do with an output
     (inspect, report, rethreshold, loader); a test that changes an output runs its own job."""
-    from pipeline.sample_web import hostile_pairs
+    from pipeline.synthetic.sample_web import hostile_pairs
     from pipeline.synthetic.splits import web_split
     from pipeline.synthetic.trained import export_trained_models
     from pipeline.synthetic.web_job import run_web_job

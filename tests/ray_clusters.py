@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.layout import OutputLayout
+from pipeline.spec.layout import OutputLayout
 from tests.conftest import make_spec
 
 LOOPBACK = "127.0.0.1"
@@ -84,7 +84,7 @@ class RayHead:
         self._wait_for_jobs_api()
 
     def _wait_for_jobs_api(self, timeout: float = 120) -> None:
-        from pipeline.cluster_jobs import jobs_client
+        from pipeline.job.cluster_jobs import jobs_client
 
         deadline = time.monotonic() + timeout
         while True:

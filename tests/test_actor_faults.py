@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from ray import cloudpickle
 
-from pipeline.capfilt_stage import CapFiltStage
-from pipeline.fates import Fate
-from pipeline.manifest import DONE, FAILED
-from pipeline.runner import run_job
-from pipeline.summary import format_summary
+from pipeline.curate.capfilt_stage import CapFiltStage
+from pipeline.job.runner import run_job
+from pipeline.output.manifest import DONE, FAILED
+from pipeline.output.summary import format_summary
+from pipeline.spec.fates import Fate
 from tests.conftest import make_spec
 
 pytestmark = pytest.mark.usefixtures("ray_local")

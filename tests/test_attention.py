@@ -1,4 +1,4 @@
-"""`pipeline.attention.use_sdpa` must be a pure speed change: same outputs as BLIP's eager attention for
+"""`pipeline.curate.attention.use_sdpa` must be a pure speed change: same outputs as BLIP's eager attention for
 the vision tower, the ITM text encoder with padded texts, and cached generate(), on real checkpoints
 (tiny, random, loaded with `from_pretrained` like the pipeline does)."""
 
@@ -14,9 +14,9 @@ from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 from transformers.models.blip.modeling_blip import BlipAttention
 from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
-from pipeline import attention
-from pipeline.attention import SdpaBlipAttention, SdpaBlipTextSelfAttention, use_sdpa
-from pipeline.tiny_models import IMAGE_SIZE, TinyModelPaths, write_tiny_models
+from pipeline.curate import attention
+from pipeline.curate.attention import SdpaBlipAttention, SdpaBlipTextSelfAttention, use_sdpa
+from pipeline.curate.tiny_models import IMAGE_SIZE, TinyModelPaths, write_tiny_models
 
 ATOL = 1e-5
 TEXTS = ["a dog", "a red car parked on the street next to a tall building", "two cats sitting on a bed"]

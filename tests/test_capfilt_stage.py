@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, BlipForImageTextRetrieval
 
-from pipeline.capfilt_stage import CapFiltStage, chunk_seed
-from pipeline.config import CaptionerSpec, FilterSpec
-from pipeline.preprocess import PreprocessStage
-from pipeline.resources import Resources
-from pipeline.sample_web import jpeg_bytes, render_scene
+from pipeline.core.resources import Resources
+from pipeline.curate.capfilt_stage import CapFiltStage, chunk_seed
+from pipeline.curate.preprocess import PreprocessStage
+from pipeline.spec.config import CaptionerSpec, FilterSpec
+from pipeline.synthetic.sample_web import jpeg_bytes, render_scene
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.capfilt_stage import CapFiltStage
-from pipeline.chunk_retry import join, score_with_retry, split
-from pipeline.config import CaptionerSpec, FilterSpec
-from pipeline.resources import Resources
+from pipeline.core.resources import Resources
+from pipeline.curate.capfilt_stage import CapFiltStage
+from pipeline.curate.chunk_retry import join, score_with_retry, split
+from pipeline.spec.config import CaptionerSpec, FilterSpec
 from tests.test_capfilt_stage import _chunk
 
 

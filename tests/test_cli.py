@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import yaml
 from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from pipeline.layout import OutputLayout
-from pipeline.sample_web import Route
+from pipeline.spec.layout import OutputLayout
+from pipeline.synthetic.sample_web import Route
 from pipeline.synthetic.splits import JUNK, web_split
 from pipeline.synthetic.trained import shipped_models
 from pipeline.synthetic.web_job import web_index

@@ -18,8 +18,8 @@ import transformers
 import yaml
 
 from pipeline import __version__
-from pipeline.attention import CHECKED_TRANSFORMERS
-from pipeline.config import typed_spec
+from pipeline.curate.attention import CHECKED_TRANSFORMERS
+from pipeline.spec.config import typed_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "jobs" / "cluster"

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline import __version__
-from pipeline.config import (
+from pipeline.spec.config import (
     CaptionerSpec,
     DownloadSpec,
     JobSpec,

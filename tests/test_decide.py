@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.decide import SYNTHETIC, WEB, Candidate, candidates, decide
-from pipeline.fates import Fate, add_counts, count_fates
+from pipeline.curate.decide import SYNTHETIC, WEB, Candidate, candidates, decide
+from pipeline.spec.fates import Fate, add_counts, count_fates
 
 FATES = ["kept", "filtered", "download_failed", "decode_failed", "invalid_input", "blocked"]
 

@@ -16,11 +16,11 @@ import yaml
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.config import SpecError
-from pipeline.fates import Fate
-from pipeline.layout import OutputLayout
-from pipeline.runner import JobResult, run_job
-from pipeline.sample_web import Route, jpeg_bytes, render_scene
+from pipeline.job.runner import JobResult, run_job
+from pipeline.spec.config import SpecError
+from pipeline.spec.fates import Fate
+from pipeline.spec.layout import OutputLayout
+from pipeline.synthetic.sample_web import Route, jpeg_bytes, render_scene
 from tests.conftest import make_spec, read_records
 
 pytestmark = pytest.mark.usefixtures("ray_local")

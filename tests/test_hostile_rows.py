@@ -24,10 +24,10 @@ import webdataset as wds
 import yaml
 
 from pipeline.cli import main
-from pipeline.fates import Fate
-from pipeline.records import SHARD_SCHEMA
-from pipeline.runner import JobResult, run_job
-from pipeline.sample_web import Route, jpeg_bytes, render_scene
+from pipeline.job.runner import JobResult, run_job
+from pipeline.spec.fates import Fate
+from pipeline.spec.records import SHARD_SCHEMA
+from pipeline.synthetic.sample_web import Route, jpeg_bytes, render_scene
 from tests.catalogue import ERROR, SCORED, Case, Section
 from tests.conftest import make_spec, read_records
 
@@ -374,8 +374,8 @@ def test_input_files(case, tmp_path, tiny_models, capsys):
 
 
 def test_retry_failed_keeps_the_extra_columns_of_the_rows_it_retries(tmp_path, web, tiny_models):
-    from pipeline.job_output import JobOutput
-    from pipeline.retry import retry_failed
+    from pipeline.job.retry import retry_failed
+    from pipeline.output.job_output import JobOutput
 
     site, _ = web
     body = jpeg_bytes(render_scene(450)[0])

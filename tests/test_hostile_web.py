@@ -24,11 +24,11 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageFile
 
-from pipeline.fates import Fate
-from pipeline.fetch_guard import FetchGuard
-from pipeline.runner import JobResult, run_job
-from pipeline.sample_web import Route, StaticSite, jpeg_bytes, png_bytes, render_scene
-from pipeline.urlpolicy import NetworkPolicy
+from pipeline.ingest.fetch_guard import FetchGuard
+from pipeline.ingest.urlpolicy import NetworkPolicy
+from pipeline.job.runner import JobResult, run_job
+from pipeline.spec.fates import Fate
+from pipeline.synthetic.sample_web import Route, StaticSite, jpeg_bytes, png_bytes, render_scene
 from tests.catalogue import SCORED, Case, Section
 from tests.conftest import make_spec, read_records
 
@@ -368,7 +368,7 @@ def _check_case(job: WebJob, case: WebCase) -> None:
 
 
 def _raw_image(result: JobResult, key: str) -> Image.Image:
-    from pipeline.tars import read_jpegs
+    from pipeline.core.tars import read_jpegs
 
     shard = key[:5]
     data = read_jpegs(result.layout.raw_tar(shard), {key})[key]
@@ -482,7 +482,7 @@ def test_the_guarded_opener_speaks_http_and_https_only(url):
 def test_what_needs_no_fixing_reaches_the_decoder_as_it_came_and_undecoded(body, monkeypatch):
     """Only bombs, EXIF-turned and 16-bit images are touched, and the common case costs a header
     parse: Pillow never decodes it (a truncated PNG shows it: decoding it would raise)."""
-    from pipeline.image_guard import ImageGuard
+    from pipeline.ingest.image_guard import ImageGuard
 
     decoded = []
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or None)

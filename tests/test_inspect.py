@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.fates import Fate
-from pipeline.inspection import BINS, ScoreHistogram, error_reason, inspect_output
-from pipeline.job_output import JobOutput, OutputError
-from pipeline.runner import run_job
+from pipeline.inspect.inspection import BINS, ScoreHistogram, error_reason, inspect_output
+from pipeline.job.runner import run_job
+from pipeline.output.job_output import JobOutput, OutputError
+from pipeline.spec.fates import Fate
 from tests.conftest import make_spec
 
 

@@ -1,4 +1,4 @@
-"""pipeline.loader read back against the job's own Parquet: what a pretraining run gets from the shards.
+"""pipeline.inspect.loader read back against the job's own Parquet: what a pretraining run gets from the shards.
 
 The truth is the per-shard Parquet (one row per input row, written by the same writer as the tars);
 the loader only ever reads the tars. Ranks are simulated with explicit rank/world_size, the workers
@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline.loader import CapFiltDataset, CaptionPolicy, shard_list
+from pipeline.inspect.loader import CapFiltDataset, CaptionPolicy, shard_list
 
 EXAMPLE = Path(__file__).parents[1] / "docs" / "examples" / "pretrain_from_shards.py"
 

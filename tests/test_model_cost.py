@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from pipeline.curate.tiny_models import IMAGE_SIZE, TinyModelPaths
 from pipeline.perf.model_cost import (
     MARKER,
     SAMPLING,
@@ -21,7 +22,6 @@ from pipeline.perf.model_cost import (
     pixel_batches,
     write_architecture,
 )
-from pipeline.tiny_models import IMAGE_SIZE, TinyModelPaths
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.layout import OutputLayout
+from pipeline.spec.layout import OutputLayout
 from tests.ray_clusters import answering_rows, job_env, multi_node_cluster, write_job
 
 GPU_WORKER = {"num_cpus": 2, "num_gpus": 1}

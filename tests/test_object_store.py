@@ -17,16 +17,15 @@ import yaml
 from torch.utils.data import DataLoader
 
 from pipeline.cli import main
-from pipeline.config import SpecError, spec_from_dict
-from pipeline.fates import Fate
-from pipeline.job_output import JobOutput, OutputError
-from pipeline.layout import OutputLayout
-from pipeline.loader import CapFiltDataset
-from pipeline.rethreshold import rethreshold
-from pipeline.retry import RETRY_DIR
-from pipeline.runner import run_job
-from pipeline.sample_web import Route, jpeg_bytes, render_scene
-from pipeline.storage import Location
+from pipeline.core.storage import Location
+from pipeline.inspect.loader import CapFiltDataset
+from pipeline.job.rethreshold import rethreshold
+from pipeline.job.runner import run_job
+from pipeline.output.job_output import JobOutput, OutputError
+from pipeline.spec.config import SpecError, spec_from_dict
+from pipeline.spec.fates import Fate
+from pipeline.spec.layout import RETRY_DIR, OutputLayout
+from pipeline.synthetic.sample_web import Route, jpeg_bytes, render_scene
 from tests.conftest import make_spec, read_records
 from tests.s3 import new_bucket, s3, upload
 

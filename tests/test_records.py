@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.fates import Fate
-from pipeline.records import COLUMN_DOCS, SHARD_SCHEMA, describe_schema, shard_schema
+from pipeline.spec.fates import Fate
+from pipeline.spec.records import COLUMN_DOCS, SHARD_SCHEMA, describe_schema, shard_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD_SCHEMA_FILE = ROOT / "schemas" / "shard.schema.json"
@@ -62,7 +62,7 @@ def test_the_status_column_documents_every_fate():
 
 
 def test_every_job_spec_key_is_documented():
-    from pipeline.config import job_schema
+    from pipeline.spec.config import job_schema
 
     doc = (ROOT / "docs" / "job-spec.md").read_text()
     for section, body in job_schema()["properties"].items():

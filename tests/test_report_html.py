@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.inspection import inspect_output
-from pipeline.job_output import JobOutput
-from pipeline.report_html import write_report
+from pipeline.inspect.inspection import inspect_output
+from pipeline.inspect.report_html import write_report
+from pipeline.output.job_output import JobOutput
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REQUIRE_BROWSER = bool(os.environ.get("CAPFILT_REQUIRE_BROWSER"))  # set by CI: there it must not skip

@@ -12,13 +12,13 @@ import pytest
 import webdataset as wds
 
 from pipeline.cli import main
-from pipeline.config import typed_spec
-from pipeline.decide import candidates
-from pipeline.fates import Fate
-from pipeline.job_output import JobOutput, OutputError
-from pipeline.layout import OutputLayout
-from pipeline.rethreshold import rethreshold
-from pipeline.runner import run_job
+from pipeline.curate.decide import candidates
+from pipeline.job.rethreshold import rethreshold
+from pipeline.job.runner import run_job
+from pipeline.output.job_output import JobOutput, OutputError
+from pipeline.spec.config import typed_spec
+from pipeline.spec.fates import Fate
+from pipeline.spec.layout import OutputLayout
 from tests.conftest import make_spec, read_records, tar_keys
 
 
@@ -97,7 +97,9 @@ def test_an_interrupted_rethreshold_leaves_no_new_output_and_runs_again(curated_
     def interrupted(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pipeline.rethreshold.check_accounting", interrupted)  # after every shard is written
+    monkeypatch.setattr(
+        "pipeline.job.rethreshold.check_accounting", interrupted
+    )  # after every shard is written
     with pytest.raises(KeyboardInterrupt):
         rethreshold(JobOutput.open(curated_job.layout.root), 0.9, tmp_path / "new")
     assert not (tmp_path / "new").exists() and (tmp_path / ".new.partial").is_dir()

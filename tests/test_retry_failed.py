@@ -10,13 +10,14 @@ from collections import Counter
 import pytest
 
 from pipeline.cli import main
-from pipeline.fates import Fate
-from pipeline.job_output import JobOutput, OutputError
-from pipeline.rethreshold import rethreshold
-from pipeline.retry import RETRY_DIR, retry_failed
-from pipeline.runner import run_job
-from pipeline.sample_web import Route, jpeg_bytes, render_scene
-from pipeline.shard_writer import ShardWriter
+from pipeline.job.rethreshold import rethreshold
+from pipeline.job.retry import retry_failed
+from pipeline.job.runner import run_job
+from pipeline.output.job_output import JobOutput, OutputError
+from pipeline.output.shard_writer import ShardWriter
+from pipeline.spec.fates import Fate
+from pipeline.spec.layout import RETRY_DIR
+from pipeline.synthetic.sample_web import Route, jpeg_bytes, render_scene
 from tests.conftest import make_spec, read_records, tar_keys
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.fates import Fate
+from pipeline.spec.fates import Fate
 from tests.catalogue import ERROR, RUNS, SCORED, render, sections
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"

@@ -1,4 +1,4 @@
-"""Tests for pipeline.sample_web: real HTTP over 127.0.0.1, and the hostile cases' expected fates checked
+"""Tests for pipeline.synthetic.sample_web: real HTTP over 127.0.0.1, and the hostile cases' expected fates checked
 against img2dataset's own fetch and decode code (so the table in hostile_pairs cannot drift from reality)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.sample_web import (
+from pipeline.synthetic.sample_web import (
     Route,
     SamplePair,
     StaticSite,

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
-from pipeline.tiny_models import CAPTIONER_DIR, ITM_DIR, TinyModelPaths, write_tiny_models
+from pipeline.curate.tiny_models import CAPTIONER_DIR, ITM_DIR, TinyModelPaths, write_tiny_models
 
 PROMPT = "a picture of "
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.capfilt_stage import CapFiltStage
-from pipeline.config import CaptionerSpec, FilterSpec
-from pipeline.resources import Resources
+from pipeline.core.resources import Resources
+from pipeline.curate.capfilt_stage import CapFiltStage
+from pipeline.spec.config import CaptionerSpec, FilterSpec
 from pipeline.synthetic.pixels import stored_pixels
 from pipeline.synthetic.splits import swap_one_attribute
 from pipeline.synthetic.train import TrainConfig, train, vocabulary

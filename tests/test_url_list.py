@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import list_readers
-from pipeline.config import InputSpec, SpecError
-from pipeline.duplicates import DuplicateCounter
-from pipeline.storage import Location
-from pipeline.url_list import EXTRA_PREFIX, check_columns, duplicate_urls, prepare, read_batches
-from pipeline.urlpolicy import NetworkPolicy
+from pipeline.core.storage import Location
+from pipeline.ingest import list_readers
+from pipeline.ingest.duplicates import DuplicateCounter
+from pipeline.ingest.url_list import EXTRA_PREFIX, check_columns, duplicate_urls, prepare, read_batches
+from pipeline.ingest.urlpolicy import NetworkPolicy
+from pipeline.spec.config import InputSpec, SpecError
 
 OPEN = NetworkPolicy(allow_private_networks=True)
 
@@ -194,10 +194,10 @@ MILLION = 1_000_000
 _MEASURE = """
 import json, sys, time, tracemalloc
 import pyarrow as pa
-from pipeline.config import InputSpec
-from pipeline.storage import Location
-from pipeline.url_list import prepare
-from pipeline.urlpolicy import NetworkPolicy
+from pipeline.spec.config import InputSpec
+from pipeline.core.storage import Location
+from pipeline.ingest.url_list import prepare
+from pipeline.ingest.urlpolicy import NetworkPolicy
 
 url_list, warm, out, traced = sys.argv[1:]
 policy = NetworkPolicy(allow_private_networks=True)

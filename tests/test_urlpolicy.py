@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from pipeline.fates import Fate
-from pipeline.urlpolicy import NetworkPolicy, ascii_url, check_url, check_urls
+from pipeline.ingest.urlpolicy import NetworkPolicy, ascii_url, check_url, check_urls
+from pipeline.spec.fates import Fate
 
 
 def http_url(host: str, path: str = "/a.jpg", scheme: str = "http") -> str:

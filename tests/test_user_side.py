@@ -34,12 +34,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pipeline.cli import _parser, main
-from pipeline.cluster_jobs import entrypoint
-from pipeline.config import JobSpec, SpecError, job_schema, load_spec
-from pipeline.model_check import check_model
-from pipeline.output_guard import LOCK_NAME, capfilt_names, claim_output, lock_output
-from pipeline.retry import RETRY_DIR
-from pipeline.storage import Location
+from pipeline.core.storage import Location
+from pipeline.curate.model_check import check_model
+from pipeline.job.cluster_jobs import entrypoint
+from pipeline.job.output_guard import LOCK_NAME, capfilt_names, claim_output, lock_output
+from pipeline.spec.config import JobSpec, SpecError, job_schema, load_spec
+from pipeline.spec.layout import RETRY_DIR
 from tests.catalogue import ERROR, RUNS, Case, Section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -291,7 +291,7 @@ def _hostile_checkpoint(user: User, name: str) -> tuple[Path, Path]:
 
 def _pickle_checkpoint(user: User, case: Case) -> None:
     user.refused(case, "run", user.job({"captioner": {"model": "<pickled>"}}))
-    from pipeline.capfilt_stage import _Models
+    from pipeline.curate.capfilt_stage import _Models
 
     # The actor's loader refuses it too, as it would a hub model without safetensors weights.
     with pytest.raises(OSError, match=r"no file named model\.safetensors"):
@@ -299,7 +299,7 @@ def _pickle_checkpoint(user: User, case: Case) -> None:
 
 
 def _pickle_beside_safetensors(user: User, case: Case) -> None:
-    from pipeline.capfilt_stage import _Models
+    from pipeline.curate.capfilt_stage import _Models
 
     model, marker = _hostile_checkpoint(user, "both-formats")
     (model / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
@@ -309,7 +309,7 @@ def _pickle_beside_safetensors(user: User, case: Case) -> None:
 
 
 def _custom_code_checkpoint(user: User, case: Case) -> None:
-    from pipeline.capfilt_stage import _Models
+    from pipeline.curate.capfilt_stage import _Models
 
     model, marker = _hostile_checkpoint(user, "custom-code")
     config = json.loads((model / "config.json").read_text())
@@ -433,7 +433,7 @@ class User:
         before = _listing(unchanged)
         self.capsys.readouterr()
         with self.monkeypatch.context() as patch:
-            patch.setattr("pipeline.runner.ray_session", _no_ray)
+            patch.setattr("pipeline.job.runner.ray_session", _no_ray)
             code = main(list(argv))
         err = self.capsys.readouterr().err
         lines = err.splitlines()
@@ -485,8 +485,8 @@ def _listing(path: Path) -> Any:
 
 HOLD_LOCK = """
 import sys
-from pipeline.output_guard import lock_output
-from pipeline.storage import Location
+from pipeline.job.output_guard import lock_output
+from pipeline.core.storage import Location
 with lock_output(Location.of(sys.argv[1])):
     print("locked", flush=True)
     sys.stdin.read()
@@ -613,7 +613,7 @@ def test_submit_hands_overwrite_to_the_command_on_the_cluster(user, monkeypatch)
         asked["overwrite"] = overwrite
         return "raysubmit_test"
 
-    monkeypatch.setattr("pipeline.cluster_jobs.submit", submit)
+    monkeypatch.setattr("pipeline.job.cluster_jobs.submit", submit)
     assert main(["submit", user.job(), "--overwrite"]) == 0
     assert asked == {"overwrite": True}
 
@@ -818,7 +818,7 @@ def test_any_overrides_give_a_spec_or_one_line_error(fuzz_dir, overrides):
         assert isinstance(spec, JobSpec)
 
 
-# Found by the fuzzers above, and fixed in pipeline/config.py: mapping keys YAML allows but JSON does not,
+# Found by the fuzzers above, and fixed in pipeline/spec/config.py: mapping keys YAML allows but JSON does not,
 # aliases (self-reference, exponential expansion), integers too long to print, PyYAML's plain Python
 # errors for a bad explicit tag, a line break in a key.
 FOUND_BY_FUZZING = {

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline.loader import CapFiltDataset, CaptionPolicy
+from pipeline.inspect.loader import CapFiltDataset, CaptionPolicy
 from pipeline.synthetic.bootstrap import DualEncoder
 
 

@@ -12,12 +12,12 @@ import time
 
 import torch
 
-from pipeline.capfilt_stage import CapFiltStage
-from pipeline.chunks import Chunk, ChunkReader
-from pipeline.config import JobSpec
-from pipeline.layout import OutputLayout
-from pipeline.preprocess import PreprocessStage
-from pipeline.resources import Resources
+from pipeline.core.resources import Resources
+from pipeline.curate.capfilt_stage import CapFiltStage
+from pipeline.curate.chunks import Chunk, ChunkReader
+from pipeline.curate.preprocess import PreprocessStage
+from pipeline.spec.config import JobSpec
+from pipeline.spec.layout import OutputLayout
 
 
 def decoded_chunks(spec: JobSpec, images: int) -> list[Chunk]:

@@ -13,9 +13,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import JobSpec, spec_from_dict
-from pipeline.sample_web import Route, StaticSite, jpeg_bytes, render_scene
-from pipeline.tiny_models import TinyModelPaths
+from pipeline.curate.tiny_models import TinyModelPaths
+from pipeline.spec.config import JobSpec, spec_from_dict
+from pipeline.synthetic.sample_web import Route, StaticSite, jpeg_bytes, render_scene
 
 POOL = 64  # distinct images
 WEB_SIZE = 512  # pixels on a side before the download resizes them

@@ -1,7 +1,7 @@
 """`capfilt bench perf`: run the pipeline on a local web, and its baselines, and report the figures.
 
 1. End to end and per stage: `capfilt run` on N generated URLs served on 127.0.0.1, with the tiny
-   models; the job's manifest says where its time went (`pipeline.timings`).
+   models; the job's manifest says where its time went (`pipeline.core.timings`).
 2. Ray tax: the pipeline's caption/filter rate once its actor is ready, over the rate of the same
    stage in a bare loop over the same decoded batches (`bare_loop`).
 3. Download: img2dataset inside capfilt (Ray) over plain img2dataset on the same list (`plain_download`).
@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
+from pipeline.core.timings import actor_busy, steady_images_per_s
+from pipeline.curate.tiny_models import IMAGE_SIZE, write_tiny_models
 from pipeline.perf.bare_loop import bare_images_per_s, decoded_chunks
 from pipeline.perf.bench_web import bench_site, bench_spec
 from pipeline.perf.job_run import JobRun, run_watched
 from pipeline.perf.model_cost import compare
 from pipeline.perf.plain_download import plain_download_s
 from pipeline.perf.process_watch import cores
-from pipeline.timings import actor_busy, steady_images_per_s
-from pipeline.tiny_models import IMAGE_SIZE, write_tiny_models
 
 BARE_LOOP_IMAGES = 4000  # enough for a steady rate; all of them are held decoded in memory
 RAY_TAX_TARGET = 0.9

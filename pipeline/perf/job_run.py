@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import JobSpec
-from pipeline.layout import OutputLayout
 from pipeline.perf.process_watch import Peaks, ProcessWatch
+from pipeline.spec.config import JobSpec
+from pipeline.spec.layout import OutputLayout
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,10 @@ from transformers import (
     BlipProcessor,
 )
 
-from pipeline.capfilt_stage import CapFiltStage
-from pipeline.chunks import Chunk
-from pipeline.config import CaptionerSpec, FilterSpec
-from pipeline.resources import Resources
-from pipeline.tiny_models import (
+from pipeline.core.resources import Resources
+from pipeline.curate.capfilt_stage import CapFiltStage
+from pipeline.curate.chunks import Chunk
+from pipeline.curate.tiny_models import (
     CAPTIONER_DIR,
     IMAGE_SIZE,
     ITM_DIR,
@@ -44,6 +43,7 @@ from pipeline.tiny_models import (
     blip_processor,
     tiny_vocab,
 )
+from pipeline.spec.config import CaptionerSpec, FilterSpec
 
 SAMPLING = CaptionerSpec(num_captions=1)  # prompt, top_p, repetition_penalty of both: the pipeline's
 BERT_VOCAB = 30522  # Salesforce's tokenizer adds [DEC] and [ENC] after it: 30524 ids in all

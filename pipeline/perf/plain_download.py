@@ -14,10 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import JobSpec
-from pipeline.download import DownloadStage
-from pipeline.layout import OutputLayout
+from pipeline.ingest.download import DownloadStage
 from pipeline.perf.process_watch import cores
+from pipeline.spec.config import JobSpec
+from pipeline.spec.layout import OutputLayout
 
 _CHILD = """
 import json, sys, time

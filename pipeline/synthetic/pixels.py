@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.preprocess import PreprocessStage
+from pipeline.curate.preprocess import PreprocessStage
 from pipeline.synthetic.world import Scene, render
 
 IMAGE_SIZE = 64  # served at the size the download stage and the models use: no resize in between

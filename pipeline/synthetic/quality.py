@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.storage import read_parquet
+from pipeline.core.storage import read_parquet
 from pipeline.synthetic.bootstrap import Budget, Recall, pretrain, retrieval
 from pipeline.synthetic.pixels import stored_pixels
 from pipeline.synthetic.splits import CORRECT, CORRUPTIONS, KINDS, Pair, eval_split, web_split

@@ -26,7 +26,15 @@ import numpy as np
 import torch
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
-from pipeline.capfilt_stage import Normaliser, itm_logits
+from pipeline.curate.capfilt_stage import Normaliser, itm_logits
+from pipeline.curate.tiny_models import (
+    CAPTIONER_DIR,
+    ITM_DIR,
+    BlipShape,
+    TinyModelPaths,
+    blip_config,
+    blip_processor,
+)
 from pipeline.synthetic.pixels import IMAGE_SIZE, stored_pixels
 from pipeline.synthetic.splits import SEO_WORDS, clean_split, swap_one_attribute
 from pipeline.synthetic.world import (
@@ -36,14 +44,6 @@ from pipeline.synthetic.world import (
     Scene,
     describe,
     random_scene,
-)
-from pipeline.tiny_models import (
-    CAPTIONER_DIR,
-    ITM_DIR,
-    BlipShape,
-    TinyModelPaths,
-    blip_config,
-    blip_processor,
 )
 
 PROMPT = "a picture of "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.tiny_models import CAPTIONER_DIR, ITM_DIR, TinyModelPaths
+from pipeline.curate.tiny_models import CAPTIONER_DIR, ITM_DIR, TinyModelPaths
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 

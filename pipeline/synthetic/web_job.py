@@ -14,13 +14,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.bundled import bundled_path
-from pipeline.config import load_spec
-from pipeline.runner import JobResult, run_job
-from pipeline.sample_web import Route, SamplePair, StaticSite
+from pipeline.curate.tiny_models import TinyModelPaths
+from pipeline.job.runner import JobResult, run_job
+from pipeline.spec.bundled import bundled_path
+from pipeline.spec.config import load_spec
 from pipeline.synthetic.pixels import scene_jpeg
+from pipeline.synthetic.sample_web import Route, SamplePair, StaticSite
 from pipeline.synthetic.splits import Pair
-from pipeline.tiny_models import TinyModelPaths
 
 _PATH = re.compile(r"/web/(\d{5})\.jpg$")
 

@@ -1,0 +1,240 @@
+"""Stage 2: the CapFilt actor. One per GPU, holding the captioner and the ITM filter.
+
+Both models live in one actor so an image crosses the host-device boundary once. Per chunk:
+1. pixels (uint8) go to the device and are normalised there for each model;
+2. the captioner writes `num_captions` captions per image by nucleus sampling, prompted with
+   `prompt`, which is cut from the output by token count (not by string matching);
+3. the ITM model's vision tower runs once per image; its embedding is reused for the web caption
+   and every synthetic caption (the text encoder cross-attends to it), and the match probability
+   is softmax(itm_logits)[1].
+It scores and does not decide: the threshold is applied by the writer, from the stored scores.
+On a machine without CUDA the same code runs on the CPU in float32. Attention runs through
+`scaled_dot_product_attention` (`pipeline.curate.attention`); docs/performance.md says what each of these
+choices buys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.resources import Resources
+from pipeline.core.timings import stopwatch
+from pipeline.curate.chunks import Chunk
+from pipeline.spec.config import CaptionerSpec, FilterSpec
+
+ITM_MAX_TOKENS = 35  # BLIP truncates text at 35 tokens for ITM; the stored caption stays whole
+NOT_SCORED = math.nan  # transport value for "not scored" (Arrow-typed, unlike None)
+
+
+class CapFiltStage:
+    """Caption and score a chunk. Construct anywhere (it is picklable); call `setup()` on the worker."""
+
+    def __init__(self, captioner: CaptionerSpec, filter: FilterSpec, resources: Resources) -> None:
+        self.captioner_spec = captioner
+        self.filter_spec = filter
+        self.resources = resources
+        self._models: _Models | None = None
+
+    def setup(self) -> None:
+        self._models = _Models.load(self.captioner_spec.model, self.filter_spec.model)
+
+    @property
+    def device(self) -> str:
+        return self.models.device
+
+    @property
+    def models(self) -> _Models:
+        if self._models is None:
+            raise RuntimeError("CapFiltStage.setup() must run before the stage is called")
+        return self._models
+
+    def __call__(self, chunk: Chunk) -> Chunk:
+        import torch
+
+        result = self.unscored(chunk)
+        ok = [i for i, err in enumerate(chunk["decode_errors"]) if not err]
+        if not ok:
+            return result
+        k = self.captioner_spec.num_captions
+        seed = chunk_seed(self.captioner_spec.seed, chunk["shard"], chunk["chunk"], chunk.get("part", ""))
+        torch.manual_seed(seed)
+        pixels = torch.from_numpy(np.ascontiguousarray(chunk["pixels"][ok]))
+        with torch.inference_mode():
+            with stopwatch(result, "caption_s"):
+                captions = self.caption(pixels)
+            texts, owners = [], []
+            for j, i in enumerate(ok):
+                web = chunk["captions"][i]
+                if web.strip():
+                    texts.append(web)
+                    owners.append((i, None))
+                for c, text in enumerate(captions[j * k : (j + 1) * k]):
+                    result["synthetic_captions"][i][c] = text
+                    texts.append(text)
+                    owners.append((i, c))
+            position = {i: j for j, i in enumerate(ok)}
+            with stopwatch(result, "itm_s"):
+                scores = self.itm(pixels, texts, [position[i] for i, _ in owners])
+        for (i, c), score in zip(owners, scores, strict=True):
+            if c is None:
+                result["caption_itm"][i] = score
+            else:
+                result["synthetic_itm"][i][c] = score
+        return result
+
+    def unscored(self, chunk: Chunk) -> Chunk:
+        """The result of a chunk before any scoring. Fixed shapes (k per row, NaN for "not scored")
+        keep the Arrow types the same in every block, a failed chunk's included."""
+        n, k = len(chunk["keys"]), self.captioner_spec.num_captions
+        return {
+            "shard": chunk["shard"],
+            "chunk": chunk["chunk"],
+            "keys": chunk["keys"],
+            "decode_errors": chunk["decode_errors"],
+            "synthetic_captions": [[""] * k for _ in range(n)],
+            "caption_itm": [NOT_SCORED] * n,
+            "synthetic_itm": [[NOT_SCORED] * k for _ in range(n)],
+            # Seconds in caption() and itm(); both end with their results on the host, so a GPU's
+            # queued work is counted where it ran.
+            "caption_s": 0.0,
+            "itm_s": 0.0,
+        }
+
+    def caption(self, pixels: Any) -> list[str]:
+        """`num_captions` sampled captions per image, image-major, prompt removed."""
+        m, spec = self.models, self.captioner_spec
+        prompt = m.captioner_tokenizer(spec.prompt, return_tensors="pt").input_ids
+        # BLIP's generate drops the prompt's trailing [SEP] and returns prompt + new tokens.
+        prefix = prompt.shape[1] - 1
+        out = m.captioner.generate(
+            pixel_values=m.captioner_pixels(pixels),
+            input_ids=prompt.repeat(pixels.shape[0], 1).to(m.device),
+            do_sample=True,
+            top_p=spec.top_p,
+            num_return_sequences=spec.num_captions,
+            repetition_penalty=spec.repetition_penalty,
+            min_length=spec.min_length,
+            max_length=spec.max_length,
+        )
+        texts = m.captioner_tokenizer.batch_decode(out[:, prefix:], skip_special_tokens=True)
+        return [" ".join(t.split()) for t in texts]
+
+    def itm(self, pixels: Any, texts: list[str], image_index: list[int]) -> list[float]:
+        """Match probability of each text with its image; one vision pass per image. Texts are
+        batched shortest first, so a batch pads to its own longest text, not the chunk's."""
+        import torch
+
+        m = self.models
+        image_embeds = m.itm_model.vision_model(pixel_values=m.itm_pixels(pixels))[0]
+        tokens = m.itm_tokenizer(texts, truncation=True, max_length=ITM_MAX_TOKENS).input_ids
+        order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
+        scores = [0.0] * len(texts)
+        step = self.filter_spec.batch_size
+        for start in range(0, len(order), step):
+            batch = order[start : start + step]
+            embeds = image_embeds[torch.tensor([image_index[i] for i in batch], device=m.device)]
+            logits = itm_logits(m.itm_model, m.itm_tokenizer, embeds, [texts[i] for i in batch])
+            for i, score in zip(batch, logits.float().softmax(dim=-1)[:, 1].tolist(), strict=True):
+                scores[i] = score
+        return scores
+
+
+def itm_logits(itm_model: Any, tokenizer: Any, image_embeds: Any, texts: list[str]) -> Any:
+    """ITM head logits (column 1 = match) of texts[i] against image_embeds[i], the vision tower's
+    output: BlipForImageTextRetrieval's ITM path without its vision pass, so one pass serves many texts.
+    The training of the shipped tiny models calls this too, so they learn exactly what is scored here."""
+    import torch
+
+    device = image_embeds.device
+    tokens = tokenizer(
+        texts, padding="longest", truncation=True, max_length=ITM_MAX_TOKENS, return_tensors="pt"
+    ).to(device)
+    encoded = itm_model.text_encoder(
+        input_ids=tokens.input_ids,
+        attention_mask=tokens.attention_mask,
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device),
+    ).last_hidden_state
+    return itm_model.itm_head(encoded[:, 0, :])
+
+
+def chunk_seed(seed: int, shard: str, chunk: int, part: str = "") -> int:
+    """A sampling seed that depends only on the job's seed and the chunk's place in the data (and,
+    for a chunk split after a failure, on which part of it this is: see `chunk_retry`)."""
+    where = f"{seed}:{shard}:{chunk}" + (f":{part}" if part else "")
+    digest = hashlib.sha256(where.encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class _Models:
+    """Both BLIP models with their processors, on one device, and the on-device normalisation."""
+
+    def __init__(self, captioner: Any, captioner_processor: Any, itm_model: Any, itm_processor: Any,
+                 device: str, dtype: Any) -> None:  # fmt: skip
+        self.captioner, self.itm_model = captioner, itm_model
+        self.captioner_tokenizer = captioner_processor.tokenizer
+        self.itm_tokenizer = itm_processor.tokenizer
+        self.device, self.dtype = device, dtype
+        self._captioner_norm = Normaliser(captioner_processor.image_processor, device, dtype)
+        self._itm_norm = Normaliser(itm_processor.image_processor, device, dtype)
+
+    @classmethod
+    def load(cls, captioner_name: str, itm_name: str) -> _Models:
+        """Both models and processors, by hub name or directory. Weights load from safetensors only:
+        a pickle checkpoint (`pytorch_model.bin`) runs code when unpickled, so it is refused here
+        even when `model_check` did not see it (a hub model); no model's own code is run either."""
+        import torch
+        from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        captioner = BlipForConditionalGeneration.from_pretrained(
+            captioner_name, dtype=dtype, use_safetensors=True
+        )
+        itm_model = BlipForImageTextRetrieval.from_pretrained(itm_name, dtype=dtype, use_safetensors=True)
+        for model in (captioner, itm_model):
+            try:
+                from pipeline.curate.attention import use_sdpa
+
+                use_sdpa(model)
+            except (ImportError, RuntimeError, OSError) as err:  # another transformers: eager, slower
+                print(f"capfilt: {type(model).__name__} keeps eager attention: {err}", flush=True)
+        return cls(
+            captioner.to(device).eval(),
+            AutoProcessor.from_pretrained(captioner_name, use_safetensors=True),
+            itm_model.to(device).eval(),
+            AutoProcessor.from_pretrained(itm_name, use_safetensors=True),
+            device,
+            dtype,
+        )
+
+    def captioner_pixels(self, pixels: Any) -> Any:
+        return self._captioner_norm(pixels)
+
+    def itm_pixels(self, pixels: Any) -> Any:
+        return self._itm_norm(pixels)
+
+
+class Normaliser:
+    """uint8 NHWC on the host -> normalised NCHW on the device, as BlipImageProcessor would do."""
+
+    def __init__(self, image_processor: Any, device: str, dtype: Any) -> None:
+        import torch
+
+        self.size = (image_processor.size["height"], image_processor.size["width"])
+        self.scale = float(image_processor.rescale_factor)
+        self.mean = torch.tensor(image_processor.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(image_processor.image_std, device=device).view(1, 3, 1, 1)
+        self.device, self.dtype = device, dtype
+
+    def __call__(self, pixels: Any) -> Any:
+        import torch.nn.functional as F
+
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() * self.scale
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False, antialias=True)
+        return ((x - self.mean) / self.std).to(self.dtype)

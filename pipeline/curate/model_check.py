@@ -1,0 +1,102 @@
+"""The two model settings, checked on the driver before any work: a mistyped model directory should
+fail in the first second, not in every CapFilt actor after the download.
+
+A value that is an existing directory is a local model (as `JobSpec.with_absolute_paths` and
+`from_pretrained` take it); a value that only looks like a path (absolute, `.`, `~`, a backslash,
+more than one `/`) is a missing directory, not a hub name; anything else is a hub name, left to
+`from_pretrained` (this check never uses the network; `run_job` then loads the captioner's image
+processor before any work, so a hub name that does not resolve fails before the download too).
+
+A local directory must hold what capfilt will load: a `config.json` naming the right BLIP head (the
+two are easy to swap) and weights in safetensors format. capfilt never loads pickle checkpoints
+(`pytorch_model.bin`): unpickling runs code from the file. The actors also pass
+`use_safetensors=True`, so a hub model without safetensors weights is refused there too.
+
+Why only here, called by `run_job` and not by `load_spec`: the model must exist where the job's
+driver runs. `capfilt run` calls `run_job` right after loading the spec, before Ray starts, so it
+still fails in the first second; `capfilt submit` validates a spec whose directories may exist only
+on the cluster, and a finished job's spec is read back from its manifest after its models may be
+gone. One check, in the one function every job goes through.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline.core.messages import one_line, printable
+from pipeline.core.storage import is_uri
+from pipeline.spec.config import JobSpec, SpecError
+
+CAPTIONER_CLASS = "BlipForConditionalGeneration"
+FILTER_CLASS = "BlipForImageTextRetrieval"
+MODEL_TYPE = "blip"
+HUB_EXAMPLE = {"captioner.model": "Salesforce/blip-image-captioning-large",
+               "filter.model": "Salesforce/blip-itm-large-coco"}  # fmt: skip
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # transformers 4 / 5
+
+
+def check_models(spec: JobSpec) -> None:
+    """Raise SpecError (one line, naming the key) for a model setting capfilt cannot load."""
+    check_model("captioner.model", spec.captioner.model, CAPTIONER_CLASS)
+    check_model("filter.model", spec.filter.model, FILTER_CLASS)
+
+
+def check_model(key: str, value: str, architecture: str) -> None:
+    # os.path's tests, not pathlib's: they answer False for a name too long or with a NUL byte.
+    path, shown = Path(value), printable(value)
+    if os.path.isdir(value):
+        _check_directory(key, path, architecture)
+    elif is_uri(value):
+        raise SpecError(f"{key}: {shown}: models load from a local directory or a hub name, not a URI")
+    elif os.path.exists(value):
+        raise SpecError(f"{key}: {shown} is a file; name the model's directory (config.json, *.safetensors)")
+    elif value.startswith("~") and os.path.isdir(os.path.expanduser(value)):
+        home = printable(os.path.expanduser(value))
+        raise SpecError(f"{key}: {shown}: '~' is not expanded in a job spec; write {home}")
+    elif looks_like_a_path(value):
+        hint = f"a local directory, or a hub name such as {HUB_EXAMPLE[key]}"
+        raise SpecError(f"{key}: no such model directory: {shown} ({hint})")
+
+
+def looks_like_a_path(value: str) -> bool:
+    """Not a hub name (`org/name` or `name`): what a user meant as a directory."""
+    return value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") > 1
+
+
+def _check_directory(key: str, path: Path, architecture: str) -> None:
+    config = _read_config(key, path)
+    shown = printable(path)
+    found = config.get("architectures") or []
+    found = [str(a) for a in found] if isinstance(found, list) else [str(found)]
+    model_type = config.get("model_type")
+    if (found and architecture not in found) or (not found and model_type != MODEL_TYPE):
+        what = f"a {', '.join(found)}" if found else f"a model of type {model_type!r}"
+        raise SpecError(
+            f"{key}: {shown} holds {what} (its config.json); captioner.model needs a {CAPTIONER_CLASS} "
+            f"and filter.model a {FILTER_CLASS}"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise SpecError(
+            f"{key}: {shown} has no .safetensors weights; capfilt does not load pickle checkpoints "
+            "(convert it with save_pretrained(safe_serialization=True))"
+        )
+    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+        raise SpecError(
+            f"{key}: {shown} has no {' or '.join(PROCESSOR_FILES)}; save the model's processor beside it "
+            "(processor.save_pretrained)"
+        )
+
+
+def _read_config(key: str, path: Path) -> dict:
+    config = path / "config.json"
+    if not config.is_file():
+        raise SpecError(f"{key}: {printable(path)} has no config.json; not a transformers model directory")
+    try:
+        found = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpecError(f"{key}: {printable(config)} is not valid JSON: {one_line(err)}") from None
+    if not isinstance(found, dict):
+        raise SpecError(f"{key}: {printable(config)} is not a JSON object")
+    return found

@@ -1,0 +1,172 @@
+"""The user's URL list, read in any supported format and prepared for img2dataset.
+
+Preparing does four things: it checks the columns before any work starts, gives every row its
+policy verdict (`urlpolicy`), counts the rows whose URL came earlier in the list (`duplicates`), and
+writes `_input.parquet`, whose rows map one-to-one, in order, to img2dataset's samples. A row that
+must not be fetched gets an empty `url` (img2dataset fails it at once, without a request) and its
+verdict travels in `capfilt_*` columns, so it still comes out of the download as a row of its shard
+and ends with its own fate. The job's extra input columns travel the same way, as
+`capfilt_extra.NAME`, so that no name of the user's can clash with img2dataset's own columns.
+Reading the file, robust to odd rows, is `list_readers`' part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.core.messages import one_line, printable
+from pipeline.core.storage import Location, parquet_file
+from pipeline.ingest.duplicates import DuplicateCounter
+from pipeline.ingest.list_readers import UnreadableList, as_strings, batches, column_names
+from pipeline.ingest.urlpolicy import NetworkPolicy, ascii_url, check_urls
+from pipeline.spec.config import InputSpec, SpecError
+from pipeline.spec.records import SHARD_SCHEMA
+
+URL = "capfilt_url"
+CAPTION = "capfilt_caption"
+FATE = "capfilt_fate"
+ERROR = "capfilt_error"
+CARRIED_COLUMNS = [URL, CAPTION, FATE, ERROR]
+EXTRA_PREFIX = "capfilt_extra."
+FINGERPRINT_KEY = b"capfilt_fingerprint"
+DUPLICATES_KEY = b"capfilt_duplicate_urls"  # in the prepared file's key-value metadata
+
+# What reading the list can raise when the file, not a row, is at fault.
+_UNREADABLE = (pa.ArrowInvalid, OSError, KeyError, UnicodeDecodeError, UnreadableList)
+_COLUMNS_LISTED = 20
+
+
+def extra_column(name: str) -> str:
+    """The prepared (and raw shard) column that carries the input's extra column `name`."""
+    return EXTRA_PREFIX + name
+
+
+def extra_names(columns: Iterable[str]) -> list[str]:
+    """The input names of the extra columns among a prepared or raw shard's `columns`, in order."""
+    return [c.removeprefix(EXTRA_PREFIX) for c in columns if c.startswith(EXTRA_PREFIX)]
+
+
+def carried_columns(spec: InputSpec) -> list[str]:
+    """The prepared columns img2dataset carries into its shards (`save_additional_columns`)."""
+    return [*CARRIED_COLUMNS, *map(extra_column, spec.extra_columns)]
+
+
+def prepared_schema(spec: InputSpec) -> pa.Schema:
+    return pa.schema([(name, pa.string()) for name in ["url", *carried_columns(spec)]])
+
+
+def read_batches(spec: InputSpec) -> Iterator[pa.RecordBatch]:
+    """The URL list as record batches of strings, streamed: `url`, `caption` (null without a caption
+    column) and each extra column under its prepared name. Bytes that are not UTF-8 become U+FFFD."""
+    wanted = [spec.url_col, *([spec.caption_col] if spec.caption_col else []), *spec.extra_columns]
+    names = ["url", "caption", *map(extra_column, spec.extra_columns)]
+    try:
+        for batch in batches(Location.of(spec.url_list), spec.input_format, list(dict.fromkeys(wanted))):
+            caption = (
+                as_strings(batch.column(spec.caption_col))
+                if spec.caption_col
+                else pa.nulls(batch.num_rows, pa.string())
+            )
+            extras = [as_strings(batch.column(name)) for name in spec.extra_columns]
+            yield pa.RecordBatch.from_arrays(
+                [as_strings(batch.column(spec.url_col)), caption, *extras], names=names
+            )
+    except _UNREADABLE as err:
+        raise _unreadable(spec, err) from None
+
+
+def check_columns(spec: InputSpec) -> None:
+    """Fail before any work when the list cannot be read or lacks a named column, or when an extra
+    column would take the name of an output column."""
+    for name in spec.extra_columns:
+        if name in SHARD_SCHEMA.names:
+            raise SpecError(f"input.extra_columns: {name!r} is an output column name")
+    try:
+        found = column_names(Location.of(spec.url_list), spec.input_format)
+    except _UNREADABLE as err:
+        raise _unreadable(spec, err) from None
+    if found is None:  # a JSON Lines list without a line: no rows, nothing to check
+        return
+    named = [("input.url_col", spec.url_col), ("input.caption_col", spec.caption_col)]
+    named += [("input.extra_columns", name) for name in spec.extra_columns]
+    for key, name in named:
+        if name and name not in found:
+            raise SpecError(
+                f"{key}: column {name!r} not found in {spec.url_list} (columns: {_listed(found)})"
+            )
+
+
+def prepare(spec: InputSpec, policy: NetworkPolicy, out: Location, fingerprint: str, downloaded: bool) -> int:
+    """Write img2dataset's input list to `out`; return the number of input rows.
+
+    `fingerprint` covers the spec's input and download settings; the URL list's size and time
+    are added to it. A file made the same way is reused, so a resumed job neither re-reads the
+    list nor re-resolves its hosts. A different one is refused once anything was `downloaded`:
+    img2dataset would otherwise resume the old downloads as if they were the new job's.
+    The count of repeated URLs goes into the file's metadata (`duplicate_urls` reads it back).
+    """
+    identity = f"{fingerprint}:{_source_identity(spec)}".encode()
+    if out.exists():
+        existing = parquet_file(out)
+        if (existing.schema_arrow.metadata or {}).get(FINGERPRINT_KEY) == identity:
+            return existing.metadata.num_rows
+        if downloaded:
+            raise SpecError(
+                f"output.path: {out.parent} holds downloads made from another URL list or other input or "
+                "download settings; use a new output.path (or delete its downloads/ and _input.parquet)"
+            )
+    schema = prepared_schema(spec).with_metadata({FINGERPRINT_KEY: identity})
+    rows = 0
+    repeats = DuplicateCounter()
+    with out.writing() as stream, pq.ParquetWriter(stream, schema) as writer:
+        for batch in read_batches(spec):
+            urls = batch.column("url").to_pylist()
+            writer.write_batch(_prepared(batch, urls, policy, schema))
+            repeats.add(urls)
+            rows += batch.num_rows
+        writer.add_key_value_metadata({DUPLICATES_KEY: str(repeats.count())})
+    return rows
+
+
+def duplicate_urls(prepared: Location) -> int | None:
+    """How many rows of the list repeat an earlier row's URL, as `prepare` counted them; None for a
+    prepared file without the count."""
+    value = (parquet_file(prepared).metadata.metadata or {}).get(DUPLICATES_KEY)
+    return None if value is None else int(value)
+
+
+def _prepared(
+    batch: pa.RecordBatch, urls: list[str | None], policy: NetworkPolicy, schema: pa.Schema
+) -> pa.RecordBatch:
+    """A batch of `prepared_schema`: the URL to fetch ("" for a row that must not be), the row as
+    given, its verdict."""
+    verdicts = check_urls(urls, policy)
+    fetch = ["" if v is not None or u is None else ascii_url(u) for u, v in zip(urls, verdicts, strict=True)]
+    arrays = [
+        pa.array(fetch, pa.string()),
+        batch.column("url"),
+        batch.column("caption"),
+        pa.array([None if v is None else v.fate.value for v in verdicts], pa.string()),
+        pa.array([None if v is None else v.error for v in verdicts], pa.string()),
+        *batch.columns[2:],
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _source_identity(spec: InputSpec) -> str:
+    """Size and version (local: mtime; object store: ETag) of the URL list: an edited list is a
+    different input."""
+    return Location.of(spec.url_list).identity()
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(printable(n) for n in names[:_COLUMNS_LISTED]) or "none"
+    return shown + (f" and {len(names) - _COLUMNS_LISTED} more" if len(names) > _COLUMNS_LISTED else "")
+
+
+def _unreadable(spec: InputSpec, err: Exception) -> SpecError:
+    reason = printable(one_line(err))
+    return SpecError(f"input.url_list: cannot read {spec.url_list} as {spec.input_format}: {reason}")

@@ -1,0 +1,112 @@
+"""`capfilt rethreshold OUT --threshold T --out NEW`: the job's output at another ITM threshold, from
+the stored scores, with no model and no GPU.
+
+NEW becomes a complete output of the job's spec with `filter.threshold = T`. Its `downloads/` and
+`_input.parquet` are hard links to OUT's files (copies across file systems): no space is spent, and
+a later `retry-failed` on OUT, which replaces OUT's raw files, leaves NEW's as they were. Every
+output shard is written again by the job's own `ShardWriter` from the scores OUT stores, so the
+fates are decided by the very code that decided them the first time. NEW then reads like any job
+output: `capfilt inspect` shows it, `capfilt run` with its spec finds it complete, and a further
+rethreshold, even to a lower threshold that keeps images OUT filtered, finds their images.
+
+On a local or shared filesystem NEW is built in a hidden sibling directory and renamed into place
+when complete, so an interrupted rethreshold leaves no half-written NEW behind and can simply be run
+again. An object store has no atomic rename of a prefix, so there NEW is built in place, the raw
+files are server-side copies (`fs.copy`) instead of hard links, and its `manifest.json` is written
+last: a NEW without a manifest is not an output (`capfilt inspect` refuses it; the loader, given
+the prefix, does not check), and rethreshold into it again starts over, which it does only where its
+own in-progress marker (`.capfilt-rethreshold`, written first) says the prefix is its own. A bucket
+itself is refused as NEW.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.storage import Location, read_parquet
+from pipeline.job.output_guard import claim_output
+from pipeline.output.job_output import JobOutput, OutputError
+from pipeline.output.manifest import build_manifest, check_accounting
+from pipeline.output.shard_writer import ShardWriter, scores_from_records
+from pipeline.spec.layout import IN_PROGRESS, OutputLayout, write_json_atomically
+
+
+def rethreshold(source: JobOutput, threshold: float, target: str | Path | Location) -> dict[str, Any]:
+    """Write the output for `threshold` into `target` (a new directory or prefix, a local path or an
+    fsspec URI) and return its manifest."""
+    if not 0 <= threshold <= 1:
+        raise OutputError(f"--threshold: {threshold} is not an ITM probability between 0 and 1")
+    names = source.require_complete("rethreshold it")
+    target = Location.of(target).resolve()
+    if target == source.layout.root.resolve():
+        raise OutputError(f"--out {target}: must be a new directory; the job's output stays as it is")
+    if target.is_bucket:
+        raise OutputError(f"--out {target}: name a prefix inside the bucket (e.g. {target.uri}/new)")
+    if any(target.iterdir()) and not _interrupted_here(target):
+        raise OutputError(f"--out {target}: not empty; rethreshold writes a new output directory")
+    if names and not source.layout.downloads.is_dir():
+        raise OutputError(
+            f"{source.layout.downloads}: missing; the shards are written again from the raw shards "
+            "(their images), so rethreshold needs the job's downloads/"
+        )
+    spec = source.spec
+    spec = dataclasses.replace(
+        spec,
+        filter=dataclasses.replace(spec.filter, threshold=threshold),
+        output=dataclasses.replace(spec.output, path=target.uri),
+    )
+    # Locally: built aside and renamed at the end. On an object store: in place, manifest last.
+    work = OutputLayout(target.with_name(f".{target.name}.partial") if target.local else target)
+    # Emptied and locked (`output_guard`): a second rethreshold into the same NEW is refused, not mixed in.
+    with claim_output(work.root, overwrite=True, key="--out", log=lambda _: None):
+        if not target.local:  # first, so that only a prefix this wrote is ever started over
+            (work.root / IN_PROGRESS).write_text(source.layout.root.resolve().uri)
+        work.downloads.mkdir()
+        for path in source.layout.downloads.files():
+            path.link_to(work.downloads / path.name)
+        if source.layout.prepared_input.exists():
+            source.layout.prepared_input.link_to(work.prepared_input)
+
+        writer = ShardWriter(work, threshold, spec.fingerprint())
+        # Writing a shard is Python-bound (a record per row), so shards go to worker processes.
+        jobs = [(writer, source.layout, name) for name in names]
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, len(names))), mp_context=spawn) as pool:
+            reports = dict(zip(names, pool.map(_rewrite, jobs), strict=True))
+        duplicates = source.manifest.get("duplicate_urls")  # the new directory has no prepared list
+        manifest = build_manifest(spec, source.input_rows, names, reports, {}, duplicate_urls=duplicates)
+        manifest["rethresholded_from"] = {
+            "path": source.layout.root.resolve().uri,
+            "threshold": source.threshold,
+        }
+        check_accounting(manifest)
+        write_json_atomically(work.manifest, manifest)
+        if target.local:
+            if target.exists():
+                os.rmdir(target)  # empty, checked above
+            work.root.rename(target)
+        else:
+            (work.root / IN_PROGRESS).unlink(missing_ok=True)
+        return manifest
+
+
+def _interrupted_here(target: Location) -> bool:
+    """An object-store NEW that an interrupted rethreshold left: its in-progress marker and capfilt's
+    names, no manifest (built in place there, so this is what the hidden partial directory is
+    locally). Without the marker a prefix is someone's data, and is never deleted."""
+    names = {p.name for p in target.iterdir()}
+    return (
+        not target.local
+        and IN_PROGRESS in names
+        and names <= {IN_PROGRESS, "downloads", "shards", "_input.parquet"}
+    )
+
+
+def _rewrite(job: tuple[ShardWriter, OutputLayout, str]) -> dict[str, Any]:
+    writer, source, name = job
+    return writer.write(name, scores_from_records(read_parquet(source.shard_parquet(name)).to_pylist()))

@@ -1,0 +1,109 @@
+"""A job's output directory as its readers see it: `inspect`, `rethreshold` and `retry-failed`.
+
+The manifest names the job's spec and its shards. Whether a shard is complete is decided by the
+shard's own completion marker (written last, carrying the spec's fingerprint), not by the manifest,
+so a job that is still running, or died half way, reads correctly: the complete shards are read and
+the rest are reported as missing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.core.storage import read_parquet
+from pipeline.output.manifest import DONE, FAILED, PENDING
+from pipeline.spec.config import JobSpec, SpecError, typed_spec
+from pipeline.spec.layout import OutputLayout
+
+
+class OutputError(ValueError):
+    """An output directory that cannot be used as asked, as one line that names it."""
+
+
+@dataclass(frozen=True)
+class ShardState:
+    name: str
+    status: str  # DONE, PENDING or FAILED
+    report: dict[str, Any] | None  # the completion marker's report when DONE
+    error: str | None  # why, when FAILED
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    layout: OutputLayout
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> JobOutput:
+        """`path`: a local directory or an fsspec URI (`s3://bucket/job`)."""
+        try:
+            layout = OutputLayout(path)
+            found = layout.root.is_dir()
+        except (ImportError, ValueError, OSError) as err:  # unknown scheme, backend not installed, no access
+            raise OutputError(f"{path}: cannot open: {' '.join(str(err).split())}") from None
+        root = layout.root
+        if not found:
+            raise OutputError(f"{root}: no such directory")
+        if not layout.manifest.is_file():
+            raise OutputError(
+                f"{root}: no manifest.json: not a capfilt output, or its job stopped before it had read "
+                "its URL list"
+            )
+        try:
+            manifest = json.loads(layout.manifest.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise OutputError(f"{layout.manifest}: unreadable: {' '.join(str(err).split())}") from None
+        return cls(layout, manifest)
+
+    @property
+    def spec(self) -> JobSpec:
+        try:
+            return typed_spec(self.manifest["spec"])
+        except SpecError as err:
+            raise OutputError(
+                f"{self.layout.manifest}: the job spec it records is not valid: {err}"
+            ) from None
+
+    @property
+    def threshold(self) -> float:
+        return self.spec.filter.threshold
+
+    @property
+    def input_rows(self) -> int:
+        return int(self.manifest["input_rows"])
+
+    def shards(self) -> list[ShardState]:
+        """Every shard of the job, DONE when its completion marker says so, in shard order."""
+        states = []
+        names = [entry["shard"] for entry in self.manifest["shards"]]
+        reports = self.layout.finished_reports(names, self.manifest["fingerprint"])
+        for entry in self.manifest["shards"]:
+            name = entry["shard"]
+            report = reports.get(name)
+            if report is not None:
+                states.append(ShardState(name, DONE, report, None))
+            elif entry["status"] == FAILED:
+                states.append(ShardState(name, FAILED, None, entry.get("error")))
+            else:
+                states.append(ShardState(name, PENDING, None, None))
+        return states
+
+    def read_shard(self, name: str) -> pa.Table:
+        return read_parquet(self.layout.shard_parquet(name))
+
+    def require_complete(self, command: str) -> list[str]:
+        """The shard names, all done: `command` needs every shard written (it rewrites the output)."""
+        states = self.shards()
+        unfinished = [s.name for s in states if s.status != DONE]
+        if unfinished:
+            raise OutputError(
+                f"{self.layout.root}: the job is not complete ({len(unfinished)} of "
+                f"{len(self.manifest['shards'])} shards not written, first {unfinished[0]}); "
+                f"finish it with `capfilt run` (it resumes), then {command}"
+            )
+        return [s.name for s in states]

@@ -1,0 +1,170 @@
+"""Stage 3: write output shard i from raw shard i and its scores.
+
+Here every input row gets its one fate (from the policy verdict, img2dataset's status, the decode
+result, or the keep rule), so this is the one place rows can be lost, and it refuses to be:
+a downloaded row without scores is an error, not a silent drop. The tar (kept samples only) and
+the Parquet (every row) are written whole (`Location.writing`: renamed into place on POSIX, one
+object on an object store); the report, the completion marker, goes last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from pipeline.core.resources import Resources
+from pipeline.core.storage import read_parquet
+from pipeline.core.tars import read_jpegs
+from pipeline.curate.chunks import Chunk
+from pipeline.curate.decide import candidates, decide
+from pipeline.ingest.download import DOWNLOADED, OPT_OUT_ERROR, UNDECODABLE
+from pipeline.ingest.fetch_guard import BLOCKED
+from pipeline.ingest.url_list import CAPTION, ERROR, FATE, URL, extra_column, extra_names
+from pipeline.spec.fates import Fate, count_fates
+from pipeline.spec.layout import OutputLayout, write_json_atomically
+from pipeline.spec.records import shard_schema
+
+Record = dict[str, Any]
+
+# A fixed member time: a shard is then a pure function of its raw shard, scores and spec, byte for byte.
+_TAR_MTIME = 0.0
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the CapFilt actor returned for one downloaded row."""
+
+    decode_error: str
+    synthetic_captions: list[str]
+    caption_itm: float | None
+    synthetic_itm: list[float]
+
+
+def scores_by_key(chunks: Iterable[Chunk]) -> dict[str, Scores]:
+    """The CapFilt actor's results, by sample key."""
+    found = {}
+    for c in chunks:
+        for i, key in enumerate(c["keys"]):
+            web = c["caption_itm"][i]
+            found[key] = Scores(
+                decode_error=str(c["decode_errors"][i]),
+                synthetic_captions=[str(t) for t in c["synthetic_captions"][i]],
+                caption_itm=None if web is None or math.isnan(web) else _as_stored(web),
+                synthetic_itm=[_as_stored(s) for s in c["synthetic_itm"][i]],
+            )
+    return found
+
+
+def scores_from_records(records: Iterable[Record]) -> dict[str, Scores]:
+    """The scores an output shard stores, by key: what rethreshold and retry-failed write a shard from
+    again, through the same `ShardWriter` as the job, instead of running the models again."""
+    found = {}
+    for r in records:
+        if r["status"] in (Fate.KEPT, Fate.FILTERED):
+            found[r["key"]] = Scores("", r["synthetic_captions"], r["caption_itm"], r["synthetic_itm"])
+        elif r["status"] == Fate.DECODE_FAILED:  # the writer asks only for rows img2dataset downloaded
+            found[r["key"]] = Scores(r["error"], [], None, [])
+    return found
+
+
+def _as_stored(score: float) -> float:
+    """The score as the Parquet stores it (float32), so the keep rule decides on the stored value and
+    deciding again from the Parquet gives the same answer."""
+    return float(np.float32(score))
+
+
+@dataclass(frozen=True)
+class ShardWriter:
+    layout: OutputLayout
+    threshold: float
+    fingerprint: str
+    resources: ClassVar[Resources] = Resources(cpus=0.5)
+
+    def write(self, shard: str, scores: Mapping[str, Scores]) -> dict[str, Any]:
+        """Write the shard and return its report (also written as the completion marker)."""
+        # A rewrite in place (retry-failed) first takes the old marker away: interrupted, the shard
+        # is unfinished, not "done" with the old counts over new files.
+        self.layout.shard_report(shard).unlink(missing_ok=True)
+        table = read_parquet(self.layout.raw_parquet(shard))
+        raw = table.to_pylist()
+        records = sorted((self.record(row, scores.get(row["key"])) for row in raw), key=lambda r: r["key"])
+        kept = {r["key"]: r for r in records if r["status"] == Fate.KEPT}
+        self.layout.shards.mkdir()
+        self._write_tar(shard, kept)
+        with self.layout.shard_parquet(shard).writing() as stream:
+            schema = shard_schema(extra_names(table.schema.names))
+            pq.write_table(pa.Table.from_pylist(records, schema=schema), stream)
+        report = {
+            "shard": shard,
+            "fingerprint": self.fingerprint,
+            "rows": len(records),
+            "counts": count_fates(r["status"] for r in records),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_json_atomically(self.layout.shard_report(shard), report)
+        return report
+
+    def record(self, row: dict[str, Any], scores: Scores | None) -> Record:
+        """The output row of one input row: its fate, error and, when downloaded, its scores."""
+        record: Record = {
+            "key": row["key"],
+            "url": row[URL],
+            "caption": row[CAPTION],
+            "status": None,
+            "error": None,
+            "width": None,
+            "height": None,
+            "sha256": None,
+            "synthetic_captions": None,
+            "caption_itm": None,
+            "synthetic_itm": None,
+            "kept_captions": None,
+            "selected_caption": None,
+            # The input's extra columns, after the fixed ones, under their input names.
+            **{name: row[extra_column(name)] for name in extra_names(row)},
+        }
+        status = row["status"]
+        if row[FATE]:
+            return {**record, "status": Fate(row[FATE]).value, "error": row[ERROR]}
+        if status == UNDECODABLE:
+            return {**record, "status": Fate.DECODE_FAILED.value, "error": row["error_message"]}
+        if status != DOWNLOADED:
+            error = row["error_message"] or status
+            if error == OPT_OUT_ERROR:
+                return {**record, "status": Fate.BLOCKED.value, "error": f"opt-out: {error}"}
+            fate = Fate.BLOCKED if error.startswith(BLOCKED) else Fate.DOWNLOAD_FAILED
+            return {**record, "status": fate.value, "error": error}
+        if scores is None:
+            raise RuntimeError(f"row {row['key']} was downloaded but never scored")
+        record.update(width=row["width"], height=row["height"], sha256=row["sha256"])
+        if scores.decode_error:
+            return {**record, "status": Fate.DECODE_FAILED.value, "error": scores.decode_error}
+        found = candidates(row[CAPTION], scores.caption_itm, scores.synthetic_captions, scores.synthetic_itm)
+        kept, selected = decide(found, self.threshold)
+        return {
+            **record,
+            "status": (Fate.KEPT if kept else Fate.FILTERED).value,
+            "synthetic_captions": scores.synthetic_captions,
+            "caption_itm": scores.caption_itm,
+            "synthetic_itm": scores.synthetic_itm,
+            "kept_captions": [{"text": c.text, "source": c.source, "itm": c.itm} for c in kept],
+            "selected_caption": selected,
+        }
+
+    def _write_tar(self, shard: str, kept: Mapping[str, Record]) -> None:
+        """KEY.jpg (the downloaded bytes, untouched), KEY.json (the full record), KEY.txt (selected)."""
+        images = read_jpegs(self.layout.raw_tar(shard), kept)
+        target = self.layout.shard_tar(shard)
+        with target.writing() as stream, wds.TarWriter(stream, mtime=_TAR_MTIME) as sink:
+            for key, record in kept.items():
+                sink.write({"__key__": key, "jpg": images[key], "json": json.dumps(record).encode(),
+                            "txt": record["selected_caption"].encode()})  # fmt: skip

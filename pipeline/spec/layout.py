@@ -1,0 +1,97 @@
+"""Where a job's files live under `output.path`, and when a shard counts as done.
+
+    _input.parquet           the URL list after the policy check (img2dataset's input)
+    downloads/NNNNN.tar      raw shards from img2dataset (+ .parquet, _stats.json)
+    shards/NNNNN.tar         WebDataset: kept samples only
+    shards/NNNNN.parquet     one row per input row
+    shards/NNNNN.done.json   the shard's report, written last: the completion marker
+    manifest.json            the job's record
+
+`output.path` is a local path or an fsspec URI (`pipeline.core.storage`): every name here is a
+`Location` on that filesystem. Every file is written whole (renamed into place on POSIX, uploaded as
+one object on an object store) and the marker goes last, so a crash leaves either a complete shard
+or one that is redone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.core.storage import Location
+
+RETRY_DIR = "_retry"  # retry-failed's own small job, removed when it has been folded in
+# An object-store rethreshold target holds this first, naming its source, and drops it after its manifest.
+IN_PROGRESS = ".capfilt-rethreshold"
+
+
+@dataclass(frozen=True, init=False)
+class OutputLayout:
+    root: Location
+
+    def __init__(self, root: str | os.PathLike[str] | Location) -> None:
+        object.__setattr__(self, "root", Location.of(root))
+
+    @property
+    def prepared_input(self) -> Location:
+        return self.root / "_input.parquet"
+
+    @property
+    def downloads(self) -> Location:
+        return self.root / "downloads"
+
+    @property
+    def shards(self) -> Location:
+        return self.root / "shards"
+
+    @property
+    def manifest(self) -> Location:
+        return self.root / "manifest.json"
+
+    def raw_tar(self, shard: str) -> Location:
+        return self.downloads / f"{shard}.tar"
+
+    def raw_parquet(self, shard: str) -> Location:
+        return self.downloads / f"{shard}.parquet"
+
+    def raw_stats(self, shard: str) -> Location:
+        return self.downloads / f"{shard}_stats.json"
+
+    def shard_tar(self, shard: str) -> Location:
+        return self.shards / f"{shard}.tar"
+
+    def shard_parquet(self, shard: str) -> Location:
+        return self.shards / f"{shard}.parquet"
+
+    def shard_report(self, shard: str) -> Location:
+        return self.shards / f"{shard}.done.json"
+
+    def shard_parquets(self) -> list[Location]:
+        """The output Parquet files written so far, in shard order."""
+        return self.shards.glob("*.parquet")
+
+    def downloaded_shards(self) -> list[str]:
+        """Shards img2dataset finished (its stats file is its done marker)."""
+        return sorted(p.name.removesuffix("_stats.json") for p in self.downloads.glob("*_stats.json"))
+
+    def finished_reports(self, shards: list[str], fingerprint: str) -> dict[str, dict[str, Any]]:
+        """The reports of those `shards` that are complete (tar, Parquet and `done.json` present) and
+        were made by the spec with this fingerprint. From one listing of `shards/`, not three lookups
+        per shard: on an object store each lookup is a request, and a job has thousands of shards."""
+        present = {p.name for p in self.shards.files()}
+        found = {}
+        for shard in shards:
+            if {f"{shard}.done.json", f"{shard}.tar", f"{shard}.parquet"} <= present:
+                try:
+                    report = self.shard_report(shard).read_json()
+                except OSError:  # rewritten or removed since the listing (retry-failed does that)
+                    continue
+                if report.get("fingerprint") == fingerprint:
+                    found[shard] = report
+        return found
+
+
+def write_json_atomically(path: Location, value: Any) -> None:
+    """Written whole: renamed into place on POSIX, one object on an object store."""
+    path.write_json(value)

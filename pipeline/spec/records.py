@@ -1,0 +1,80 @@
+"""The output shard's Arrow schema: the column names and types are a contract with users.
+
+`schemas/shard.schema.json` is generated from `SHARD_SCHEMA` (`python -m pipeline.spec.records`) and a
+test keeps the checked-in file equal to it. A job with `input.extra_columns` appends one string
+column per extra column, named as in the input (`shard_schema`); the fixed columns come first, so a
+reader that knows only them reads every job's shards alike.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+KEPT_CAPTION = pa.struct([("text", pa.string()), ("source", pa.string()), ("itm", pa.float32())])
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("sha256", pa.string()),
+        pa.field("synthetic_captions", pa.list_(pa.string())),
+        pa.field("caption_itm", pa.float32()),
+        pa.field("synthetic_itm", pa.list_(pa.float32())),
+        pa.field("kept_captions", pa.list_(KEPT_CAPTION)),
+        pa.field("selected_caption", pa.string()),
+    ]
+)
+
+EXTRA_COLUMNS_DOC = (
+    "Then one string column per input.extra_columns entry, named as in the input, carried as given "
+    "(other types as their text); null where the input had none."
+)
+
+COLUMN_DOCS = {
+    "key": "Sample key, unique in the job; the WebDataset key of the sample in the tar.",
+    "url": "The image URL as given in the input list.",
+    "caption": "The web caption (alt-text) as given, whole; null when the input had none.",
+    "status": "The row's fate: kept, filtered, download_failed, decode_failed, invalid_input, blocked.",
+    "error": "Why the row was not kept for the failure fates; null otherwise.",
+    "width": "Width in pixels of the image as stored in the tar (after download resizing).",
+    "height": "Height in pixels of the image as stored in the tar (after download resizing).",
+    "sha256": "SHA-256 of the image bytes as downloaded (before resizing), hex.",
+    "synthetic_captions": "Captions written by the BLIP captioner (nucleus sampling), prompt stripped.",
+    "caption_itm": "ITM match probability of the web caption; null when it is empty or absent.",
+    "synthetic_itm": "ITM match probability of each synthetic caption, same order.",
+    "kept_captions": "Captions with ITM >= threshold, best first: {text, source (web|synthetic), itm}.",
+    "selected_caption": "The best kept caption (the tar's KEY.txt); null unless status is kept.",
+}
+
+
+def shard_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
+    """The output shard's schema for a job with these extra input columns."""
+    schema = SHARD_SCHEMA
+    for name in extra_columns:
+        schema = schema.append(pa.field(name, pa.string()))
+    return schema
+
+
+def describe_schema() -> dict:
+    return {
+        "title": "capfilt output shard (shards/NNNNN.parquet): one row per input row",
+        "fields": [
+            {"name": f.name, "type": str(f.type), "nullable": f.nullable, "description": COLUMN_DOCS[f.name]}
+            for f in SHARD_SCHEMA
+        ],
+        "extra_columns": EXTRA_COLUMNS_DOC,
+    }
+
+
+if __name__ == "__main__":
+    json.dump(describe_schema(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
