@@ -21,7 +21,7 @@ from pipeline.output.summary import format_summary
 from pipeline.spec.fates import Fate
 from tests.conftest import make_spec
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # slow: whole jobs with failing actors
 
 BAD_SHARD = "00001"
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
@@ -31,6 +32,7 @@ def test_tiny_models_command_writes_loadable_checkpoints(tmp_path):
     assert AutoProcessor.from_pretrained(tmp_path / "itm").tokenizer.bos_token == "[DEC]"
 
 
+@pytest.mark.slow
 def test_tiny_models_trained_exports_the_shipped_checkpoints(tmp_path):
     done = subprocess.run(
         [*CAPFILT, "tiny-models", str(tmp_path), "--trained"], capture_output=True, text=True, timeout=120
@@ -42,6 +44,7 @@ def test_tiny_models_trained_exports_the_shipped_checkpoints(tmp_path):
         assert exported == (getattr(shipped, name) / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_on_its_own_local_ray(tmp_path):
     done = subprocess.run(
         [*CAPFILT, "demo", "--out", str(tmp_path), "--rows", "12"],
@@ -64,6 +67,7 @@ def test_demo_runs_offline_on_its_own_local_ray(tmp_path):
     assert "web captions the filter dropped" in done.stdout and "(itm 0." in done.stdout
 
 
+@pytest.mark.slow
 def test_a_second_demo_into_the_same_directory_starts_afresh(tmp_path):
     for _ in range(2):
         done = subprocess.run(
@@ -76,6 +80,7 @@ def test_a_second_demo_into_the_same_directory_starts_afresh(tmp_path):
     assert "//" not in done.stdout.replace("://", "")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_download_exits_130_and_says_so(tmp_path, web, tiny_models):
     site, _ = web
     site.add("/stall/forever.jpg", Route(body=b"never", stall_s=60))

@@ -135,6 +135,7 @@ def test_private_addresses_are_blocked_before_any_request(tmp_path, web, tiny_mo
     assert [site.hits(p) for p in paths] == [0, 0, 0]
 
 
+@pytest.mark.slow
 def test_resume_redoes_only_the_missing_shard_and_equals_a_clean_run(tmp_path, web, tiny_models):
     site, pairs = web
     rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:40]
@@ -164,6 +165,7 @@ def test_an_empty_url_list_is_a_complete_job_with_no_rows(tmp_path, tiny_models)
     assert result.complete and result.manifest["input_rows"] == 0 and result.manifest["shards"] == []
 
 
+@pytest.mark.slow
 def test_a_changed_threshold_makes_old_shards_stale(tmp_path, web, tiny_models):
     site, pairs = web
     rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:8]
@@ -175,6 +177,7 @@ def test_a_changed_threshold_makes_old_shards_stale(tmp_path, web, tiny_models):
     assert tars and list(wds.WebDataset(tars, shardshuffle=False, empty_check=False)) == []
 
 
+@pytest.mark.slow
 def test_new_download_settings_into_old_downloads_are_refused(tmp_path, web, tiny_models):
     site, pairs = web
     rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:4]

@@ -373,6 +373,7 @@ def test_input_files(case, tmp_path, tiny_models, capsys):
 # --- extra columns through retry-failed ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_retry_failed_keeps_the_extra_columns_of_the_rows_it_retries(tmp_path, web, tiny_models):
     from pipeline.job.retry import retry_failed
     from pipeline.output.job_output import JobOutput

@@ -183,6 +183,7 @@ def test_rank_defaults_to_the_environment(tmp_path, monkeypatch):
     assert (dataset.rank, dataset.world_size) == (1, 3)
 
 
+@pytest.mark.slow
 def test_docs_example_trains_on_the_shards(curated_job, capsys):
     spec = importlib.util.spec_from_file_location("pretrain_from_shards", EXAMPLE)
     example = importlib.util.module_from_spec(spec)

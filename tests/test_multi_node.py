@@ -26,6 +26,8 @@ import yaml
 from pipeline.spec.layout import OutputLayout
 from tests.ray_clusters import answering_rows, job_env, multi_node_cluster, write_job
 
+pytestmark = pytest.mark.slow  # a head and two worker nodes
+
 GPU_WORKER = {"num_cpus": 2, "num_gpus": 1}
 
 

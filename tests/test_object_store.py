@@ -29,7 +29,7 @@ from pipeline.synthetic.sample_web import Route, jpeg_bytes, render_scene
 from tests.conftest import make_spec, read_records
 from tests.s3 import new_bucket, s3, upload
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # slow: moto's S3 and whole jobs on it
 
 
 def s3_records(prefix: str) -> dict[str, dict]:

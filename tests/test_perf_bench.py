@@ -12,6 +12,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from pipeline.cli import main
 from pipeline.perf.harness import memory_spread
@@ -56,6 +57,7 @@ def test_memory_spread_is_the_largest_peak_over_the_smallest():
     assert memory_spread(peaks) == {"driver_mb": 0.1, "worker_mb": 0.5}
 
 
+@pytest.mark.slow
 def test_bench_perf_runs_the_job_and_its_baselines_and_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "perf.json"
     argv = ["bench", "perf", "--rows", "100", "--batch-size", "16", "--architectures", "tiny",

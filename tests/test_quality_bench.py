@@ -14,6 +14,8 @@ from pipeline.synthetic.bootstrap import Budget
 from pipeline.synthetic.quality import THRESHOLDS, format_report, run_quality
 from pipeline.synthetic.splits import KINDS
 
+pytestmark = pytest.mark.slow  # the quality benchmark
+
 REQUIRED = ["filter.removed_corrupt", "filter.kept_correct", "captioner.correct", "coverage.before",
             "coverage.after", "bootstrap.raw_r1", "bootstrap.capfilt_r1"]  # fmt: skip
 

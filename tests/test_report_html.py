@@ -99,6 +99,7 @@ def test_candidate_captions_are_marked_kept_or_dropped_by_the_threshold(report, 
     not REQUIRE_BROWSER and (CHROMIUM is None or importlib.util.find_spec("playwright") is None),
     reason="chromium or playwright is not installed",
 )
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium_without_errors(report):
     """Load the file in a real browser: no page errors, no request leaves the file, every image decodes.
     The screenshot is kept in test-artifacts/ for people to look at."""

@@ -38,6 +38,7 @@ def test_the_jobs_own_threshold_reproduces_its_shards_byte_for_byte(curated_job,
         assert os.path.samefile(raw, new.downloads / raw.name), raw.name
 
 
+@pytest.mark.slow
 def test_higher_thresholds_keep_fewer_and_account_for_every_row(curated_job, tmp_path):
     original = read_records(curated_job.layout)
     kept_counts = []

@@ -23,6 +23,7 @@ from tests.conftest import make_spec, read_records, tar_keys
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
+@pytest.mark.slow
 def test_rows_that_failed_and_work_now_are_folded_in(tmp_path, web, tiny_models, capsys):
     site, pairs = web
     flaky = {f"/flaky/{i}.jpg": jpeg_bytes(render_scene(500 + i)[0]) for i in range(3)}
@@ -90,6 +91,7 @@ def test_rows_that_failed_and_work_now_are_folded_in(tmp_path, web, tiny_models,
     assert {r["key"]: r for r in read_records(layout)} == after
 
 
+@pytest.mark.slow
 def test_nothing_to_retry_leaves_the_output_as_it_is(tmp_path, web, tiny_models, capsys):
     site, pairs = web
     rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:3]
@@ -102,6 +104,7 @@ def test_nothing_to_retry_leaves_the_output_as_it_is(tmp_path, web, tiny_models,
     } == shards
 
 
+@pytest.mark.slow
 def test_an_interrupted_retry_leaves_unfinished_shards_that_a_run_finishes(
     tmp_path, web, tiny_models, monkeypatch
 ):

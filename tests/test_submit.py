@@ -21,6 +21,8 @@ from pipeline.cli import main
 from tests.conftest import read_records
 from tests.ray_clusters import RayHead, answering_rows, write_job
 
+pytestmark = pytest.mark.slow  # a real `ray start --head` and the Jobs API
+
 
 @pytest.fixture(scope="module")
 def head() -> RayHead:

@@ -86,6 +86,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
+@pytest.mark.slow
 def test_training_is_reproducible_from_its_seed(tmp_path):
     config = TrainConfig(seed=3, clean_rows=64, captioner_steps=2, itm_steps=2, batch_size=8)
     first = train(tmp_path / "a", config, log=lambda _: None)

@@ -219,6 +219,7 @@ def _million_url(i: int) -> str:
     return f"http://127.0.0.1:9/images/2024/05/{j % 97:02d}/photo-of-the-day-{j:07d}.jpg"
 
 
+@pytest.mark.slow
 def test_a_million_rows_are_prepared_in_order_in_flat_memory(tmp_path, capsys):
     url_list = tmp_path / "million.csv"
     with url_list.open("w") as f:

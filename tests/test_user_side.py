@@ -542,7 +542,7 @@ def test_the_source_never_unpickles_nor_runs_model_code(scan):
 
 
 def test_every_from_pretrained_of_the_actor_says_use_safetensors():
-    tree = ast.parse((ROOT / "pipeline" / "capfilt_stage.py").read_text())
+    tree = ast.parse((ROOT / "pipeline" / "curate" / "capfilt_stage.py").read_text())
     cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "_Models")
     load = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "load")
     calls = [
