@@ -2,7 +2,8 @@
 
 These pin down the wiring the filter's correctness rests on: the on-device normalisation equals
 BlipImageProcessor, the reused ITM vision embedding gives the same probabilities as the plain HF
-forward pass, the prompt is cut from captions, and sampling is seeded by the chunk.
+forward pass fed the BLIP way (`pre_caption`, `[ENC]` first) or, when the options say so, the
+transformers way, captions are clean strings with the prompt cut, and sampling is seeded by the chunk.
 """
 
 from __future__ import annotations
@@ -59,23 +60,57 @@ def test_device_normalisation_equals_blip_image_processor(tiny_models, stage):
     assert torch.allclose(ours, reference, atol=1e-5)
 
 
-def test_itm_with_reused_vision_embedding_equals_the_plain_forward(tiny_models, stage):
-    chunk = _chunk(tiny_models, 3)
-    pixels = torch.from_numpy(chunk["pixels"])
-    texts = ["a red circle", "a blue square on a white background", "photo", "a green triangle", "a"]
-    owners = [0, 0, 1, 2, 2]
-    ours = stage.itm(pixels, texts, owners)
+# Web text as it comes, and what BLIP's pre_caption makes of it (written out by hand).
+RAW_TEXTS = ["A RED circle!", "a blue square: on a white background.", "Photo (HDR)", "a green triangle", "a"]
+BLIP_TEXTS = ["a red circle", "a blue square on a white background", "photo hdr", "a green triangle", "a"]
+OWNERS = [0, 0, 1, 2, 2]
 
+
+def _reference_itm(tiny_models, chunk: dict, texts: list[str], first_token: str | None) -> np.ndarray:
+    """Plain transformers: BlipProcessor on the decoded images, the full BlipForImageTextRetrieval
+    forward on the texts as given, with the first token replaced when `first_token` is named."""
     model = BlipForImageTextRetrieval.from_pretrained(tiny_models.itm).eval()
     processor = AutoProcessor.from_pretrained(tiny_models.itm)
-    pixel_values = stage.models.itm_pixels(pixels)[owners]
+    images = [Image.fromarray(chunk["pixels"][i]) for i in OWNERS]
+    pixel_values = processor(images=images, return_tensors="pt").pixel_values
     tokens = processor.tokenizer(texts, padding=True, truncation=True, max_length=35, return_tensors="pt")
+    if first_token is not None:
+        tokens.input_ids[:, 0] = processor.tokenizer.convert_tokens_to_ids(first_token)
     with torch.no_grad():
         logits = model(pixel_values=pixel_values, input_ids=tokens.input_ids,
                        attention_mask=tokens.attention_mask, use_itm_head=True).itm_score  # fmt: skip
-    reference = logits.softmax(dim=-1)[:, 1]
-    assert np.allclose(ours, reference.numpy(), atol=1e-5)
+    return logits.softmax(dim=-1)[:, 1].numpy()
+
+
+def test_itm_scores_the_blip_way_one_vision_pass_for_many_texts(tiny_models, stage):
+    chunk = _chunk(tiny_models, 3)
+    ours = stage.itm(torch.from_numpy(chunk["pixels"]), RAW_TEXTS, OWNERS)
+    reference = _reference_itm(tiny_models, chunk, BLIP_TEXTS, "[ENC]")
+    assert np.allclose(ours, reference, atol=1e-5)
     assert all(0.0 <= s <= 1.0 for s in ours)
+    # The way transformers scores would differ: the option is not a no-op.
+    assert not np.allclose(ours, _reference_itm(tiny_models, chunk, RAW_TEXTS, None), atol=1e-3)
+
+
+def test_itm_scores_the_transformers_way_when_the_options_say_so(tiny_models):
+    cls_way = CapFiltStage(
+        CaptionerSpec(model=str(tiny_models.captioner)),
+        FilterSpec(model=str(tiny_models.itm), batch_size=2, itm_first_token="cls", text_normalise="none"),
+        Resources(),
+    )
+    cls_way.setup()
+    chunk = _chunk(tiny_models, 3)
+    ours = cls_way.itm(torch.from_numpy(chunk["pixels"]), RAW_TEXTS, OWNERS)
+    assert np.allclose(ours, _reference_itm(tiny_models, chunk, RAW_TEXTS, None), atol=1e-5)
+
+
+def test_captions_are_clean_strings_without_word_pieces(tiny_models, stage):
+    # The random tiny captioner emits `##` pieces freely, the first generated token included.
+    chunk = _chunk(tiny_models, 8)
+    torch.manual_seed(0)  # with this seed, cutting the prompt by token count gave two `##` captions
+    captions = stage.caption(torch.from_numpy(chunk["pixels"]))
+    assert len(captions) == 8 * 3
+    assert not [c for c in captions if "##" in c or c != " ".join(c.split())]
 
 
 def test_chunk_is_captioned_and_scored(tiny_models, stage):

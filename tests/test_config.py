@@ -130,7 +130,7 @@ def test_a_minimal_spec_gets_every_default(url_list):
         ({"captioner": {"top_q": 0.9}}, [], "captioner.top_q: unknown key (did you mean 'top_p'?)"),
         ({"captionr": {}}, [], "captionr: unknown key (did you mean 'captioner'?)"),
         ({"zzz": {}}, [], "zzz: unknown key (allowed: captioner, download, filter, input, output, resources)"),
-        ({"filter": {"zzz": 1}}, [], "filter.zzz: unknown key (allowed: batch_size, model, threshold)"),
+        ({"filter": {"zzz": 1}}, [], "filter.zzz: unknown key (allowed: batch_size, itm_first_token, max_words, model, text_normalise, threshold)"),
         ({}, ["download.thread_cont=4"], "download.thread_cont: unknown key (did you mean 'thread_count'?)"),
         ({"captioner": {"num_captions": "three"}}, [], "captioner.num_captions: expected integer, got 'three'"),
         ({"captioner": {"num_captions": True}}, [], "captioner.num_captions: expected integer, got True"),
@@ -419,18 +419,23 @@ def test_a_url_list_must_exist_on_disk_or_in_its_store(tmp_path, s3_endpoint):
 
 
 @pytest.mark.parametrize(
-    ("raw", "fingerprint", "download_fingerprint"),
+    ("raw", "before", "fingerprint", "download_fingerprint"),
     [
-        ({"input": {"url_list": "urls.parquet"}, "output": {"path": "out"}}, "b774acc3f143dc43", "5956a64ce322bed5"),
+        ({"input": {"url_list": "urls.parquet"}, "output": {"path": "out"}}, "b774acc3f143dc43", "6067bcfff5a88225", "5956a64ce322bed5"),
         ({"input": {"url_list": "urls.parquet", "url_col": "link"}, "output": {"path": "out", "shard_size": 16},
-          "filter": {"threshold": 0.3}, "download": {"timeout": 3}}, "13f0166f9f436060", "4a13e1b76271ba23"),
+          "filter": {"threshold": 0.3}, "download": {"timeout": 3}}, "13f0166f9f436060", "2722f04cb35ca94c", "4a13e1b76271ba23"),
     ],
 )  # fmt: skip
-def test_settings_added_later_leave_earlier_fingerprints_as_they_were(raw, fingerprint, download_fingerprint):
+def test_settings_added_later_leave_earlier_downloads_theirs(raw, before, fingerprint, download_fingerprint):
     """The values capfilt wrote before the network lists, the body and pixel limits and extra columns
-    existed (commit 3911d98): an output made then still resumes, and retry-failed still finds its
-    shards finished. Set away from its default, a new setting does change them."""
-    spec = typed_spec(raw)
-    assert (spec.fingerprint(), spec.download_fingerprint()) == (fingerprint, download_fingerprint)
-    changed = typed_spec({**raw, "download": {**raw.get("download", {}), "max_body_bytes": 1000}})
+    existed (commit 3911d98): an output made then still finds its downloads its own. Its shards are
+    rewritten once, on purpose: since the filter scores the BLIP way (`itm_first_token`,
+    `text_normalise`, `max_words`, always in the fingerprint) and captions are decoded as BLIP
+    decodes them, an old shard's scores would not be this code's. Set away from its default, a
+    download setting added later does change both. (A job run settles `input_format` from the list's
+    name, as here.)"""
+    spec = typed_spec({**raw, "input": {**raw["input"], "input_format": "parquet"}})
+    assert spec.download_fingerprint() == download_fingerprint
+    assert spec.fingerprint() == fingerprint != before
+    changed = dataclasses.replace(spec, download=dataclasses.replace(spec.download, max_body_bytes=1000))
     assert changed.fingerprint() != fingerprint and changed.download_fingerprint() != download_fingerprint

@@ -3,10 +3,12 @@
 Both models live in one actor so an image crosses the host-device boundary once. Per chunk:
 1. pixels (uint8) go to the device and are normalised there for each model;
 2. the captioner writes `num_captions` captions per image by nucleus sampling, prompted with
-   `prompt`, which is cut from the output by token count (not by string matching);
+   `prompt`; prompt and continuation are decoded together and the prompt cut off as a string, as
+   BLIP's code does (`blip_text`);
 3. the ITM model's vision tower runs once per image; its embedding is reused for the web caption
-   and every synthetic caption (the text encoder cross-attends to it), and the match probability
-   is softmax(itm_logits)[1].
+   and every synthetic caption (the text encoder cross-attends to it). Each text is scored as BLIP
+   trained the weights: through `pre_caption`, with `[ENC]` as its first token (`filter.text_normalise`,
+   `filter.itm_first_token`); the match probability is softmax(itm_logits)[1].
 It scores and does not decide: the threshold is applied by the writer, from the stored scores.
 On a machine without CUDA the same code runs on the CPU in float32. Attention runs through
 `scaled_dot_product_attention` (`pipeline.curate.attention`); docs/performance.md says what each of these
@@ -15,6 +17,7 @@ choices buys.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from typing import Any
@@ -23,6 +26,7 @@ import numpy as np
 
 from pipeline.core.resources import Resources
 from pipeline.core.timings import stopwatch
+from pipeline.curate.blip_text import caption_from_decoded, first_token_id, normalise_caption
 from pipeline.curate.chunks import Chunk
 from pipeline.spec.config import CaptionerSpec, FilterSpec
 
@@ -38,9 +42,11 @@ class CapFiltStage:
         self.filter_spec = filter
         self.resources = resources
         self._models: _Models | None = None
+        self._first_token: int | None = None
 
     def setup(self) -> None:
         self._models = _Models.load(self.captioner_spec.model, self.filter_spec.model)
+        self._first_token = first_token_id(self._models.itm_tokenizer, self.filter_spec)
 
     @property
     def device(self) -> str:
@@ -120,8 +126,11 @@ class CapFiltStage:
             min_length=spec.min_length,
             max_length=spec.max_length,
         )
-        texts = m.captioner_tokenizer.batch_decode(out[:, prefix:], skip_special_tokens=True)
-        return [" ".join(t.split()) for t in texts]
+        decode = functools.partial(
+            m.captioner_tokenizer.batch_decode, skip_special_tokens=True, clean_up_tokenization_spaces=True
+        )
+        [decoded_prompt] = decode(prompt[:, :prefix])
+        return [caption_from_decoded(text, decoded_prompt) for text in decode(out)]
 
     def itm(self, pixels: Any, texts: list[str], image_index: list[int]) -> list[float]:
         """Match probability of each text with its image; one vision pass per image. Texts are
@@ -129,6 +138,7 @@ class CapFiltStage:
         import torch
 
         m = self.models
+        texts = [normalise_caption(text, self.filter_spec) for text in texts]
         image_embeds = m.itm_model.vision_model(pixel_values=m.itm_pixels(pixels))[0]
         tokens = m.itm_tokenizer(texts, truncation=True, max_length=ITM_MAX_TOKENS).input_ids
         order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
@@ -137,24 +147,32 @@ class CapFiltStage:
         for start in range(0, len(order), step):
             batch = order[start : start + step]
             embeds = image_embeds[torch.tensor([image_index[i] for i in batch], device=m.device)]
-            logits = itm_logits(m.itm_model, m.itm_tokenizer, embeds, [texts[i] for i in batch])
+            batch_texts = [texts[i] for i in batch]
+            logits = itm_logits(m.itm_model, m.itm_tokenizer, embeds, batch_texts, self._first_token)
             for i, score in zip(batch, logits.float().softmax(dim=-1)[:, 1].tolist(), strict=True):
                 scores[i] = score
         return scores
 
 
-def itm_logits(itm_model: Any, tokenizer: Any, image_embeds: Any, texts: list[str]) -> Any:
+def itm_logits(
+    itm_model: Any, tokenizer: Any, image_embeds: Any, texts: list[str], first_token: int | None
+) -> Any:
     """ITM head logits (column 1 = match) of texts[i] against image_embeds[i], the vision tower's
     output: BlipForImageTextRetrieval's ITM path without its vision pass, so one pass serves many texts.
-    The training of the shipped tiny models calls this too, so they learn exactly what is scored here."""
+    `first_token` replaces the [CLS] in first position (BLIP's [ENC]); None keeps [CLS]. Texts come
+    normalised. The training of the shipped tiny models calls this too, so they learn exactly what is
+    scored here."""
     import torch
 
     device = image_embeds.device
     tokens = tokenizer(
         texts, padding="longest", truncation=True, max_length=ITM_MAX_TOKENS, return_tensors="pt"
     ).to(device)
+    input_ids = tokens.input_ids
+    if first_token is not None:
+        input_ids[:, 0] = first_token
     encoded = itm_model.text_encoder(
-        input_ids=tokens.input_ids,
+        input_ids=input_ids,
         attention_mask=tokens.attention_mask,
         encoder_hidden_states=image_embeds,
         encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device),

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pipeline.core.messages import one_line, printable
 from pipeline.core.storage import is_uri
+from pipeline.curate.blip_text import first_token_id
 from pipeline.spec.config import JobSpec, SpecError
 
 CAPTIONER_CLASS = "BlipForConditionalGeneration"
@@ -41,6 +42,22 @@ def check_models(spec: JobSpec) -> None:
     """Raise SpecError (one line, naming the key) for a model setting capfilt cannot load."""
     check_model("captioner.model", spec.captioner.model, CAPTIONER_CLASS)
     check_model("filter.model", spec.filter.model, FILTER_CLASS)
+
+
+def check_itm_tokenizer(spec: JobSpec) -> None:
+    """Under `filter.itm_first_token: enc`, the filter's tokenizer must hold BLIP's `[ENC]` token: read
+    it on the driver (a directory, or a hub name from the cache or the hub) so that a tokenizer without
+    one is a one-line error before any download, not a failed shard per actor."""
+    if spec.filter.itm_first_token != "enc":
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.filter.model)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        shown = printable(spec.filter.model)
+        raise SpecError(f"filter.model: cannot read the tokenizer of {shown}: {one_line(err)}") from None
+    first_token_id(tokenizer, spec.filter)
 
 
 def check_model(key: str, value: str, architecture: str) -> None:

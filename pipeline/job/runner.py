@@ -25,7 +25,7 @@ from pipeline.core.timings import RunTimings, stopwatch
 from pipeline.curate.capfilt_stage import CapFiltStage
 from pipeline.curate.chunk_retry import score_with_retry
 from pipeline.curate.chunks import Chunk, ChunkReader, chunk_count
-from pipeline.curate.model_check import check_models
+from pipeline.curate.model_check import check_itm_tokenizer, check_models
 from pipeline.curate.preprocess import PreprocessStage
 from pipeline.ingest.download import DownloadStage
 from pipeline.ingest.url_list import check_columns, prepare
@@ -68,6 +68,7 @@ def run_job(
     check_columns(spec.input)
     check_models(spec)
     preprocess = PreprocessStage.for_model(spec.captioner.model)  # a hub name resolves, or fails now
+    check_itm_tokenizer(spec)  # [ENC] present, when the filter reads it
     reads = [("input.url_list", spec.input.url_list), ("captioner.model", spec.captioner.model),
              ("filter.model", spec.filter.model)]  # fmt: skip
     with claim_output(layout.root, overwrite, log=log, reads=reads):

@@ -109,6 +109,9 @@ class FilterSpec:
     model: str = "Salesforce/blip-itm-large-coco"
     threshold: float = 0.5
     batch_size: int = 128
+    itm_first_token: str = "enc"  # BLIP's ITM reads [ENC] first; "cls": transformers' [CLS]
+    text_normalise: str = "blip"  # BLIP's pre_caption before ITM; "none": the text as written
+    max_words: int = 30
 
 
 @dataclass(frozen=True)

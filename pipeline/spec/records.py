@@ -42,14 +42,17 @@ EXTRA_COLUMNS_DOC = (
 COLUMN_DOCS = {
     "key": "Sample key, unique in the job; the WebDataset key of the sample in the tar.",
     "url": "The image URL as given in the input list.",
-    "caption": "The web caption (alt-text) as given, whole; null when the input had none.",
+    "caption": "The web caption (alt-text) as given, whole, never normalised; null when the input had none.",
     "status": "The row's fate: kept, filtered, download_failed, decode_failed, invalid_input, blocked.",
     "error": "Why the row was not kept for the failure fates; null otherwise.",
     "width": "Width in pixels of the image as stored in the tar (after download resizing).",
     "height": "Height in pixels of the image as stored in the tar (after download resizing).",
     "sha256": "SHA-256 of the image bytes as downloaded (before resizing), hex.",
-    "synthetic_captions": "Captions written by the BLIP captioner (nucleus sampling), prompt stripped.",
-    "caption_itm": "ITM match probability of the web caption; null when it is empty or absent.",
+    "synthetic_captions": "Captions by the BLIP captioner (nucleus sampling), prompt cut off as a string.",
+    "caption_itm": (
+        "ITM match probability of the web caption, scored as filter.text_normalise and itm_first_token say "
+        "(BLIP's pre_caption and [ENC] by default); null when it is empty or absent."
+    ),
     "synthetic_itm": "ITM match probability of each synthetic caption, same order.",
     "kept_captions": "Captions with ITM >= threshold, best first: {text, source (web|synthetic), itm}.",
     "selected_caption": "The best kept caption (the tar's KEY.txt); null unless status is kept.",

@@ -8,7 +8,8 @@ against three kinds of negatives: another image's caption, the caption with one 
 hard negative) and random word sequences from the tokenizer's vocabulary. No web-split text is used.
 Both models see images exactly as the pipeline feeds them (`stored_pixels`, normalised by `Normaliser`),
 and text goes through the same calls as in
-`CapFiltStage` (prompt with [DEC] first; ITM text encoder cross-attending to one vision pass).
+`CapFiltStage` (prompt with [DEC] first; ITM text through BLIP's `pre_caption`, [ENC] first, the text
+encoder cross-attending to one vision pass).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
+from pipeline.curate.blip_text import first_token_id, normalise_caption
 from pipeline.curate.capfilt_stage import Normaliser, itm_logits
 from pipeline.curate.tiny_models import (
     CAPTIONER_DIR,
@@ -35,6 +37,7 @@ from pipeline.curate.tiny_models import (
     blip_config,
     blip_processor,
 )
+from pipeline.spec.config import FilterSpec
 from pipeline.synthetic.pixels import IMAGE_SIZE, stored_pixels
 from pipeline.synthetic.splits import SEO_WORDS, clean_split, swap_one_attribute
 from pipeline.synthetic.world import (
@@ -47,6 +50,7 @@ from pipeline.synthetic.world import (
 )
 
 PROMPT = "a picture of "
+ITM_TEXT = FilterSpec(model="(training)")  # the ITM sees text as a job's default filter feeds it: BLIP's way
 SHAPE = BlipShape(hidden=128, layers=3, heads=4, image_size=IMAGE_SIZE, patch_size=8)
 
 
@@ -55,7 +59,7 @@ class TrainConfig:
     seed: int = 0
     clean_rows: int = 8000
     captioner_steps: int = 2000
-    itm_steps: int = 1500
+    itm_steps: int = 2500
     batch_size: int = 48
     learning_rate: float = 1e-3
 
@@ -200,9 +204,13 @@ def _itm_loss(model: BlipForImageTextRetrieval, processor: BlipProcessor, pixel_
     """One matched and one mismatched caption per image; the vision tower runs once per image."""
     texts = [describe(scene, rng) for scene in scenes]
     texts += [_negative(scene, rng) for scene in scenes]
+    texts = [normalise_caption(text, ITM_TEXT) for text in texts]
     labels = torch.tensor([1] * len(scenes) + [0] * len(scenes))
     image_embeds = model.vision_model(pixel_values=pixel_values)[0]
-    logits = itm_logits(model, processor.tokenizer, torch.cat([image_embeds, image_embeds]), texts)
+    first_token = first_token_id(processor.tokenizer, ITM_TEXT)
+    logits = itm_logits(
+        model, processor.tokenizer, torch.cat([image_embeds, image_embeds]), texts, first_token
+    )
     return torch.nn.functional.cross_entropy(logits, labels)
 
 
