@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 import time
@@ -52,9 +53,10 @@ def _submit(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.job, overrides=args.set, check_files=False).with_absolute_paths()
     # A URL list in an object store is left to the cluster: its credentials are the ones that count.
-    if Path(spec.input.url_list).is_file():
+    url_list, local = spec.input.url_list, not is_uri(spec.input.url_list)
+    if local and (Path(url_list).exists() or glob.glob(url_list)):  # a file, a directory, a glob of parts
         check_columns(spec.input)
-    elif not is_uri(spec.input.url_list):
+    elif local:
         print(f"capfilt: note: {spec.input.url_list} is not on this machine; the cluster must see it there",
               file=sys.stderr)  # fmt: skip
     job_id = submit(spec, args.address, overwrite=args.overwrite)
@@ -198,6 +200,14 @@ def _bench_perf(args: argparse.Namespace) -> int:
     return _print_figures(format_report(report), report, args.json)
 
 
+def _bench_stream(args: argparse.Namespace) -> int:
+    from pipeline.perf.stream_bench import StreamSettings, format_stream_report, run_stream_bench
+
+    settings = StreamSettings(work=Path(args.dir), overlap_rows=args.overlap_rows)
+    report = run_stream_bench(settings)
+    return _print_figures(format_stream_report(report), report, args.json)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capfilt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"capfilt {__version__}")
@@ -304,6 +314,12 @@ def _parser() -> argparse.ArgumentParser:
     perf.add_argument("--dir", default="capfilt-bench", help="work directory (jobs, models; reused)")
     perf.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     perf.set_defaults(handler=_bench_perf)
+
+    stream = bench.add_parser("stream", help="first shard against list length, download/model overlap, disk")
+    stream.add_argument("--overlap-rows", type=int, default=20000, help="rows of the overlap measurement")
+    stream.add_argument("--dir", default="capfilt-bench-stream", help="work directory (jobs, models)")
+    stream.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    stream.set_defaults(handler=_bench_stream)
     return parser
 
 

@@ -71,10 +71,13 @@ def test_the_job_schema_is_a_valid_draft_2020_12_schema():
 
 
 @pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
-def test_every_example_job_validates_and_loads(job, url_list):
+def test_every_example_job_validates_and_loads(job, tmp_path):
     raw = yaml.safe_load(job.read_text())
     jsonschema.Draft202012Validator(SCHEMA).validate(raw)
     exists = Path(raw["input"]["url_list"]).is_file()
+    url_list = tmp_path / Path(raw["input"]["url_list"]).name  # a stand-in of the same name and format
+    url_list.write_bytes(b"")
+    url_list = str(url_list)
     spec = spec_from_dict(raw, overrides=[] if exists else [f"input.url_list={url_list}"])
     loaded = spec.to_dict()
     for section, body in raw.items():
@@ -112,13 +115,15 @@ def test_section_fields_and_defaults_do_not_drift(section):
 
 
 def test_a_minimal_spec_gets_every_default(url_list):
-    spec = spec_from_dict(build(url_list))
+    spec = typed_spec(build(url_list))
     for section, cls in SECTION_CLASSES.items():
         for f in dataclasses.fields(cls):
             if has_default(f):
                 expected = SCHEMA["properties"][section]["properties"][f.name]["default"]
                 assert spec.to_dict()[section][f.name] == expected, f"{section}.{f.name}"
     assert isinstance(spec.download.disallowed_header_directives, tuple)
+    # To run, the format is settled from the list's name (urls.parquet), and the spec records it.
+    assert spec.input.input_format is None and spec_from_dict(build(url_list)).input.input_format == "parquet"
 
 
 # --- one-line errors that name the key -------------------------------------------------------------
@@ -152,7 +157,7 @@ def test_a_minimal_spec_gets_every_default(url_list):
         ({"resources": {"actors": 0}}, [], "resources.actors: 0 is less than the minimum of 1"),
         ({"resources": {"gpus_per_actor": 0}}, [], "resources.gpus_per_actor: 0 is less than or equal to the minimum of 0"),
         ({}, ["output.shard_size=0"], "output.shard_size: 0 is less than the minimum of 1"),
-        ({"input": {"input_format": "xml"}}, [], "input.input_format: 'xml' is not one of parquet, csv, tsv, jsonl"),
+        ({"input": {"input_format": "xml"}}, [], "input.input_format: 'xml' is not one of parquet, csv, tsv, jsonl, null (the default)"),
         ({"download": {"resize_mode": "stretch"}}, [], "download.resize_mode: 'stretch' is not one of no, keep_ratio, keep_ratio_largest, center_crop, border"),
         ({"output": {"path": DROP}}, [], "output.path: required key is missing"),
         ({"output": DROP}, [], "output: required key is missing"),
@@ -410,7 +415,7 @@ def test_paths_become_absolute_for_workers_and_hub_names_stay_names(tmp_path, mo
 
 def test_a_url_list_must_exist_on_disk_or_in_its_store(tmp_path, s3_endpoint):
     with pytest.raises(
-        SpecError, match=r"^input\.url_list: no such file: .*nothing\.parquet \(a local path or"
+        SpecError, match=r"^input\.url_list: no such file: .*nothing\.parquet \(a file, a directory or a glob"
     ):
         spec_from_dict({"input": {"url_list": str(tmp_path / "nothing.parquet")}, "output": {"path": "out"}})
     bucket = new_bucket()  # moto's S3 on 127.0.0.1

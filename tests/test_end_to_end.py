@@ -166,6 +166,23 @@ def test_an_empty_url_list_is_a_complete_job_with_no_rows(tmp_path, tiny_models)
 
 
 @pytest.mark.slow
+def test_a_list_in_parts_is_one_job_in_the_parts_name_order(tmp_path, web, tiny_models):
+    site, pairs = web
+    rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:10]
+    parts = tmp_path / "list"
+    parts.mkdir()
+    for name, part in (("part-1.csv", rows[6:]), ("part-0.csv", rows[:6])):  # written out of order
+        text = "url,caption\n" + "".join(f"{url},{caption.replace(',', ' ')}\n" for url, caption in part)
+        (parts / name).write_text(text)
+    spec = make_spec(tmp_path, [], tiny_models, input={"url_list": str(parts), "input_format": None})
+    result = run_job(spec, log=lambda _: None)
+    assert result.complete and result.manifest["input_rows"] == 10
+    assert result.manifest["spec"]["input"]["input_format"] == "csv"
+    records = sorted(read_records(result.layout), key=lambda r: r["key"])
+    assert [r["url"] for r in records] == [url for url, _ in rows]
+
+
+@pytest.mark.slow
 def test_a_changed_threshold_makes_old_shards_stale(tmp_path, web, tiny_models):
     site, pairs = web
     rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:8]

@@ -16,7 +16,14 @@ import pytest
 from pipeline.core.storage import Location
 from pipeline.ingest import list_readers
 from pipeline.ingest.duplicates import DuplicateCounter
-from pipeline.ingest.url_list import EXTRA_PREFIX, check_columns, duplicate_urls, prepare, read_batches
+from pipeline.ingest.url_list import (
+    EXTRA_PREFIX,
+    check_columns,
+    duplicate_urls,
+    prepare,
+    prepared_rows,
+    read_batches,
+)
 from pipeline.ingest.urlpolicy import NetworkPolicy
 from pipeline.spec.config import InputSpec, SpecError
 
@@ -252,3 +259,13 @@ def test_a_million_rows_are_prepared_in_order_in_flat_memory(tmp_path, capsys):
         assert batch.column("capfilt_fate").null_count == batch.num_rows
         index += batch.num_rows
     assert index == MILLION
+
+
+@pytest.mark.parametrize("group", [7, 16, 1000])
+def test_an_input_shard_is_its_rows_of_the_prepared_list_whatever_the_row_groups(tmp_path, group):
+    table = pa.table({"url": [f"http://h/{i}" for i in range(50)]})
+    pq.write_table(table, tmp_path / "prepared.parquet", row_group_size=group)
+    prepared = Location.of(tmp_path / "prepared.parquet")
+    for start, count in [(0, 16), (16, 16), (48, 16), (32, 16), (0, 50), (50, 16)]:
+        expected = table.slice(start, count)["url"].to_pylist()
+        assert prepared_rows(prepared, start, count)["url"].to_pylist() == expected

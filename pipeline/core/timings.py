@@ -1,4 +1,9 @@
-"""Where a run's time went: wall seconds per phase, busy seconds per stage.
+"""Where a run's time went: wall seconds of the stream, busy seconds per stage.
+
+Download, caption/filter and write run as one stream (`job.runner`): `caption_filter_s` is its wall
+time, `download_s` the moment in it when the last shard was on disk, `first_commit_s` the moment the
+first shard was committed (what a person watching a long job waits for), and `shards_in_flight` the
+bound on shards between download and commit with the most the run ever had.
 
 Each stage times its own work and the figure rides back with the chunk (`preprocess_s`, `caption_s`,
 `itm_s`) or the writer's result; the runner adds them up. Busy seconds are summed over all workers,
@@ -16,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-STAGES = ("preprocess", "caption", "itm", "write")
+STAGES = ("download", "preprocess", "caption", "itm", "write")
 SCORING_SECONDS = ("caption_s", "itm_s")  # what the CapFilt stage reports; a split chunk's halves add up
 
 
@@ -38,8 +43,20 @@ class RunTimings:
     download_s: float = 0.0
     caption_filter_s: float = 0.0
     startup_s: float | None = None
+    first_commit_s: float | None = None
     images: int = 0
     busy_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    shards_in_flight: dict[str, int] = field(default_factory=dict)
+
+    def add_download(self, chunk: dict[str, Any], since_start: float) -> None:
+        """Count a shard's download once (its chunk 0 carries it); `since_start`: when it ended."""
+        if chunk["chunk"] == 0:
+            self.busy_s["download"] += float(chunk["download_s"])
+            self.download_s = max(self.download_s, since_start)
+
+    def add_commit(self, seconds: float, since_start: float) -> None:
+        self.busy_s["write"] += seconds
+        self.first_commit_s = min(self.first_commit_s or since_start, since_start)
 
     def add_chunk(self, chunk: dict[str, Any], since_start: float) -> None:
         """Count a scored chunk's images and its stages' seconds. `since_start`: seconds from the
@@ -60,14 +77,17 @@ class RunTimings:
             "download_s": round(self.download_s, 3),
             "caption_filter_s": round(self.caption_filter_s, 3),
             "startup_s": round(self.startup_s or 0.0, 3),
+            "first_commit_s": round(self.first_commit_s or 0.0, 3),
             "images": self.images,
             "busy_s": {k: round(v, 3) for k, v in self.busy_s.items()},
+            "shards_in_flight": self.shards_in_flight,
         }
 
     def summary(self) -> str:
         """One log line: the phase's rate and where the busy time went."""
         busy = ", ".join(f"{k} {v:.1f} s" for k, v in self.busy_s.items())
-        return (f"capfilt: download {self.download_s:.1f} s; caption/filter {self.images} images in "
+        return (f"capfilt: first shard committed after {self.first_commit_s or 0.0:.1f} s, last shard "
+                f"downloaded after {self.download_s:.1f} s; {self.images} images in "
                 f"{self.caption_filter_s:.1f} s ({self.steady_images_per_s():.0f}/s once the models were "
                 f"loaded, after {self.startup_s or 0.0:.1f} s); busy: {busy}")  # fmt: skip
 

@@ -1,29 +1,29 @@
-"""Stage 1: download the prepared URL list with img2dataset, distributed on the job's Ray.
+"""Stage 1: download one input shard with img2dataset's per-shard downloader, inside the guards.
 
-img2dataset writes `downloads/NNNNN.tar` (WebDataset of the resized images), `NNNNN.parquet` (a
-row per sample, failed ones included, with `status` and `error_message`) and `NNNNN_stats.json`,
-its done marker: re-running skips shards that have one (`incremental_mode`). Shard `i` holds rows
-`i * shard_size ...` of `_input.parquet`, in order. Both are given to img2dataset as fsspec URIs
-(plain paths locally), which it opens itself: on an object store its incremental mode lists the
-stats files there, and its `_tmp` staging directory lives under `downloads/` too.
+Input shard `NNNNN` is rows `i * shard_size ...` of `_input.parquet`, in order. `ShardDownload`
+hands them to img2dataset's `Downloader` (its resizer and WebDataset writer, built from the same
+arguments `img2dataset.download` takes, `DownloadStage.arguments`), which writes `downloads/NNNNN.tar`
+(the resized images), `NNNNN.parquet` (a row per sample, failed ones included, with `status` and
+`error_message`) and, last, `NNNNN_stats.json`: the raw shard's done marker. A shard that has one is
+not downloaded again. Everything is an fsspec URI (a plain path locally), so the raw shards land on
+the output's filesystem, object store included.
 
-img2dataset's distributor sends its `Downloader` to each worker; capfilt hands it over wrapped
-(`_GuardedDownloader`), so that on the worker, for the duration of a shard, every fetch goes through
-`fetch_guard` and every image through `image_guard`.
+Which shard downloads when, on which worker, and what happens to one that hangs, is the runner's
+business; this module downloads one shard wherever it is called, and every fetch goes through
+`fetch_guard` and every image through `image_guard` while it does.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import signal
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+import pyarrow as pa
+
+from pipeline.core.resources import Resources
 from pipeline.ingest.fetch_guard import FetchGuard
 from pipeline.ingest.image_guard import GuardedResizer, ImageGuard
-from pipeline.ingest.url_list import carried_columns
+from pipeline.ingest.url_list import carried_columns, prepared_rows
 from pipeline.spec.config import JobSpec
 from pipeline.spec.layout import OutputLayout
 
@@ -35,11 +35,14 @@ OPT_OUT_ERROR = "Use of image disallowed by X-Robots-Tag directive"
 
 @dataclass(frozen=True)
 class DownloadStage:
+    """The job's download settings as img2dataset's arguments: what `ShardDownload` builds its
+    downloader from, and what the benchmark gives plain `img2dataset.download` to compare."""
+
     spec: JobSpec
     layout: OutputLayout
 
     def arguments(self) -> dict:
-        """img2dataset.download's arguments for this job (the distributor is the runner's choice)."""
+        """img2dataset.download's arguments for this job (the distributor is the caller's choice)."""
         d = self.spec.download
         return {
             "url_list": self.layout.prepared_input.uri,
@@ -68,15 +71,70 @@ class DownloadStage:
             "enable_wandb": False,
         }
 
-    def run(self, distributor: str) -> None:
-        import img2dataset
 
+@dataclass(frozen=True)
+class ShardDownload:
+    """Download input shard `NNNNN` into `downloads/` (see the module's docstring); idempotent."""
+
+    spec: JobSpec
+    layout: OutputLayout
+    resources: ClassVar[Resources] = Resources(cpus=1)  # img2dataset resizes on the calling thread
+
+    def done(self, shard: str) -> bool:
+        return self.layout.raw_stats(shard).exists()
+
+    def __call__(self, shard: str) -> None:
+        """Raises what img2dataset raised; the runner retries the shard."""
+        if self.done(shard):
+            return
+        size = self.spec.output.shard_size
+        rows = prepared_rows(self.layout.prepared_input, int(shard) * size, size)
+        staged = self.layout.downloads / "_tmp" / f"{shard}.feather"  # img2dataset's input, removed by it
+        staged.parent.mkdir()
+        columns = _column_list(self.spec)
+        with staged.writing() as stream, pa.ipc.new_file(stream, rows.select(columns).schema) as sink:
+            sink.write_table(rows.select(columns))
         guards = _Guards(FetchGuard.of(self.spec.download), ImageGuard(self.spec.download.max_image_pixels))
-        with _keep_sigint_handler(), _guarded_distributors(guards):
-            try:
-                img2dataset.download(**self.arguments(), distributor=distributor)
-            except SystemExit as exit_:  # img2dataset's SIGINT handler exits with status 0
-                raise KeyboardInterrupt("download interrupted") from exit_
+        _GuardedDownloader(_downloader(self.spec, self.layout), guards)((int(shard), staged.uri))
+
+
+def _column_list(spec: JobSpec) -> list[str]:
+    """The columns img2dataset's reader hands its downloader, in its order: the carried ones, then `url`."""
+    return [*carried_columns(spec.input), "url"]
+
+
+def _downloader(spec: JobSpec, layout: OutputLayout) -> Any:
+    """img2dataset's `Downloader` as `img2dataset.download` builds it from `DownloadStage.arguments`."""
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    a = DownloadStage(spec, layout).arguments()
+    resizer = Resizer(
+        image_size=a["image_size"],
+        resize_mode=a["resize_mode"],
+        resize_only_if_bigger=a["resize_only_if_bigger"],
+        encode_quality=a["encode_quality"],
+        encode_format=a["encode_format"],
+    )
+    return Downloader(
+        sample_writer_class=WebDatasetSampleWriter,
+        resizer=resizer,
+        thread_count=a["thread_count"],
+        save_caption=False,
+        extract_exif=a["extract_exif"],
+        output_folder=a["output_folder"],
+        column_list=_column_list(spec),
+        timeout=a["timeout"],
+        number_sample_per_shard=a["number_sample_per_shard"],
+        oom_shard_count=a["oom_shard_count"],
+        compute_hash=a["compute_hash"],
+        verify_hash_type=None,
+        encode_format=a["encode_format"],
+        retries=a["retries"],
+        user_agent_token=a["user_agent_token"],
+        disallowed_header_directives=a["disallowed_header_directives"] or None,
+    )
 
 
 @dataclass(frozen=True)
@@ -87,50 +145,13 @@ class _Guards:
 
 @dataclass(frozen=True)
 class _GuardedDownloader:
-    """img2dataset's `Downloader`, run with the guards installed in the worker that runs it."""
+    """img2dataset's `Downloader`, run with the guards installed for the duration of a shard."""
 
     downloader: Any
     guards: _Guards
 
-    def __call__(self, shard: Any) -> Any:
+    def __call__(self, shard: tuple[int, str]) -> None:
         if not isinstance(self.downloader.resizer, GuardedResizer):
             self.downloader.resizer = GuardedResizer(self.downloader.resizer, self.guards.image)
         with self.guards.fetch.installed(), self.guards.image.installed():
-            return self.downloader(shard)
-
-
-# img2dataset.download picks its distributor function by name from its `main` module, each called
-# as fn(processes_count, downloader, reader, subjob_size, max_shard_retry).
-_DISTRIBUTORS = ("ray_distributor", "multiprocessing_distributor")
-
-
-@contextlib.contextmanager
-def _guarded_distributors(guards: _Guards) -> Iterator[None]:
-    """While img2dataset.download runs here, its distributors ship the guarded downloader."""
-    img2dataset_main = importlib.import_module("img2dataset.main")  # the package's `main` is a function
-
-    originals = {name: getattr(img2dataset_main, name) for name in _DISTRIBUTORS}
-
-    def guarded(original: Callable[..., Any]) -> Callable[..., Any]:
-        def distribute(processes_count: int, downloader: Any, *rest: Any) -> Any:
-            return original(processes_count, _GuardedDownloader(downloader, guards), *rest)
-
-        return distribute
-
-    for name, original in originals.items():
-        setattr(img2dataset_main, name, guarded(original))
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(img2dataset_main, name, original)
-
-
-@contextlib.contextmanager
-def _keep_sigint_handler() -> Iterator[None]:
-    """img2dataset installs a SIGINT handler that exits with status 0; a later Ctrl-C must not."""
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+            self.downloader.download_shard(shard)  # raises, where `__call__` would print and go on

@@ -12,6 +12,7 @@ Reading the file, robust to odd rows, is `list_readers`' part.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
@@ -23,6 +24,7 @@ from pipeline.ingest.duplicates import DuplicateCounter
 from pipeline.ingest.list_readers import UnreadableList, as_strings, batches, column_names
 from pipeline.ingest.urlpolicy import NetworkPolicy, ascii_url, check_urls
 from pipeline.spec.config import InputSpec, SpecError
+from pipeline.spec.list_files import ListFilesError, list_files
 from pipeline.spec.records import SHARD_SCHEMA
 
 URL = "capfilt_url"
@@ -59,23 +61,29 @@ def prepared_schema(spec: InputSpec) -> pa.Schema:
 
 
 def read_batches(spec: InputSpec) -> Iterator[pa.RecordBatch]:
-    """The URL list as record batches of strings, streamed: `url`, `caption` (null without a caption
-    column) and each extra column under its prepared name. Bytes that are not UTF-8 become U+FFFD."""
-    wanted = [spec.url_col, *([spec.caption_col] if spec.caption_col else []), *spec.extra_columns]
+    """The URL list, part after part, as record batches of strings, streamed: `url`, `caption` (null
+    without a caption column) and each extra column under its prepared name. Bytes that are not UTF-8
+    become U+FFFD. A part that lacks a named column is refused when its turn comes, naming it."""
+    captions = [spec.caption_col] if spec.caption_col else []
+    wanted = list(dict.fromkeys([spec.url_col, *captions, *spec.extra_columns]))
     names = ["url", "caption", *map(extra_column, spec.extra_columns)]
-    try:
-        for batch in batches(Location.of(spec.url_list), spec.input_format, list(dict.fromkeys(wanted))):
-            caption = (
-                as_strings(batch.column(spec.caption_col))
-                if spec.caption_col
-                else pa.nulls(batch.num_rows, pa.string())
-            )
-            extras = [as_strings(batch.column(name)) for name in spec.extra_columns]
-            yield pa.RecordBatch.from_arrays(
-                [as_strings(batch.column(spec.url_col)), caption, *extras], names=names
-            )
-    except _UNREADABLE as err:
-        raise _unreadable(spec, err) from None
+    parts, fmt = _list_files(spec)
+    for part in parts:
+        try:
+            if part != parts[0]:
+                _check_part_columns(spec, part, fmt)
+            for batch in batches(part, fmt, wanted):
+                caption = (
+                    as_strings(batch.column(spec.caption_col))
+                    if spec.caption_col
+                    else pa.nulls(batch.num_rows, pa.string())
+                )
+                extras = [as_strings(batch.column(name)) for name in spec.extra_columns]
+                yield pa.RecordBatch.from_arrays(
+                    [as_strings(batch.column(spec.url_col)), caption, *extras], names=names
+                )
+        except _UNREADABLE as err:
+            raise _unreadable(part, fmt, err) from None
 
 
 def check_columns(spec: InputSpec) -> None:
@@ -84,10 +92,15 @@ def check_columns(spec: InputSpec) -> None:
     for name in spec.extra_columns:
         if name in SHARD_SCHEMA.names:
             raise SpecError(f"input.extra_columns: {name!r} is an output column name")
+    parts, fmt = _list_files(spec)
     try:
-        found = column_names(Location.of(spec.url_list), spec.input_format)
+        _check_part_columns(spec, parts[0], fmt)  # the rest as prepare reaches them: a part is one read
     except _UNREADABLE as err:
-        raise _unreadable(spec, err) from None
+        raise _unreadable(parts[0], fmt, err) from None
+
+
+def _check_part_columns(spec: InputSpec, part: Location, fmt: str) -> None:
+    found = column_names(part, fmt)
     if found is None:  # a JSON Lines list without a line: no rows, nothing to check
         return
     named = [("input.url_col", spec.url_col), ("input.caption_col", spec.caption_col)]
@@ -95,7 +108,7 @@ def check_columns(spec: InputSpec) -> None:
     for key, name in named:
         if name and name not in found:
             raise SpecError(
-                f"{key}: column {name!r} not found in {spec.url_list} (columns: {_listed(found)})"
+                f"{key}: column {name!r} not found in {printable(part)} (columns: {_listed(found)})"
             )
 
 
@@ -131,6 +144,23 @@ def prepare(spec: InputSpec, policy: NetworkPolicy, out: Location, fingerprint: 
     return rows
 
 
+def prepared_rows(prepared: Location, start: int, count: int) -> pa.Table:
+    """Rows `start .. start + count` of the prepared list (input shard `start // count`), reading only
+    the row groups that hold them: a download task takes its shard without reading the whole list."""
+    source = parquet_file(prepared)
+    groups, first, offset = [], None, 0
+    for index in range(source.metadata.num_row_groups):
+        size = source.metadata.row_group(index).num_rows
+        if offset + size > start and offset < start + count:
+            groups.append(index)
+            first = offset if first is None else first
+        offset += size
+    if not groups:
+        return source.schema_arrow.empty_table()
+    table = source.read_row_groups(groups)
+    return table.slice(start - first, count)
+
+
 def duplicate_urls(prepared: Location) -> int | None:
     """How many rows of the list repeat an earlier row's URL, as `prepare` counted them; None for a
     prepared file without the count."""
@@ -157,9 +187,19 @@ def _prepared(
 
 
 def _source_identity(spec: InputSpec) -> str:
-    """Size and version (local: mtime; object store: ETag) of the URL list: an edited list is a
-    different input."""
-    return Location.of(spec.url_list).identity()
+    """Name, size and version (local: mtime; object store: ETag) of each of the URL list's files: an
+    edited, added or removed part is a different input. (One part alone keeps its earlier identity.)"""
+    parts, _ = _list_files(spec)
+    if len(parts) == 1:
+        return parts[0].identity()
+    return hashlib.sha256("\n".join(f"{p.path}:{p.identity()}" for p in parts).encode()).hexdigest()
+
+
+def _list_files(spec: InputSpec) -> tuple[list[Location], str]:
+    try:
+        return list_files(spec.url_list, spec.input_format)
+    except ListFilesError as err:
+        raise SpecError(str(err)) from None
 
 
 def _listed(names: list[str]) -> str:
@@ -167,6 +207,6 @@ def _listed(names: list[str]) -> str:
     return shown + (f" and {len(names) - _COLUMNS_LISTED} more" if len(names) > _COLUMNS_LISTED else "")
 
 
-def _unreadable(spec: InputSpec, err: Exception) -> SpecError:
+def _unreadable(part: Location, fmt: str, err: Exception) -> SpecError:
     reason = printable(one_line(err))
-    return SpecError(f"input.url_list: cannot read {spec.url_list} as {spec.input_format}: {reason}")
+    return SpecError(f"input.url_list: cannot read {printable(part)} as {fmt}: {reason}")

@@ -1,12 +1,20 @@
 """Runs a job: wires the stages onto Ray. The only module that knows Ray.
 
-    prepare (driver) -> download (img2dataset, Ray tasks) -> read chunks -> preprocess (CPU tasks)
-    -> CapFilt actors (one per GPU) -> results stream back to the driver, grouped by shard
-    -> as soon as a shard's last chunk arrives, a Ray task writes it.
+    prepare (driver) -> one Ray Data stream, shard by shard:
+    download the input shard (img2dataset's per-shard downloader, a Ray task with a deadline)
+    -> read its chunks -> preprocess (CPU tasks) -> CapFilt actors (one per GPU)
+    -> results back to the driver, grouped by shard -> a Ray task writes (commits) each shard
+    as soon as its last chunk arrives.
+
+Shard N+1 downloads while shard N is scored and shard N-1 is written. At most
+`resources.shards_in_flight` shards are between "download started" and "committed" at any moment
+(`_Slots`): a slow model holds the downloads back, so neither the disk nor the object store grows
+with the list. A download attempt that fails or outlives its deadline is killed and tried again, up
+to `resources.download_attempts` times; then its shard is reported failed and the rest go on.
 
 Results carry captions and scores only; the writer takes the image bytes from the raw shard, so
-images never pass through the driver. Shards already written by the same spec are skipped, so a
-re-run resumes; a shard that fails is reported in the manifest and the others still finish.
+images never pass through the driver. Shards already written by the same spec are skipped and raw
+shards already downloaded are not fetched again, so a re-run resumes wherever the last one stopped.
 """
 
 from __future__ import annotations
@@ -24,10 +32,10 @@ from pipeline.core.resources import Resources
 from pipeline.core.timings import RunTimings, stopwatch
 from pipeline.curate.capfilt_stage import CapFiltStage
 from pipeline.curate.chunk_retry import score_with_retry
-from pipeline.curate.chunks import Chunk, ChunkReader, chunk_count
+from pipeline.curate.chunks import PASSED_ON, Chunk, ChunkReader
 from pipeline.curate.model_check import check_itm_tokenizer, check_models
 from pipeline.curate.preprocess import PreprocessStage
-from pipeline.ingest.download import DownloadStage
+from pipeline.ingest.download import ShardDownload
 from pipeline.ingest.url_list import check_columns, prepare
 from pipeline.ingest.urlpolicy import NetworkPolicy
 from pipeline.job.output_guard import claim_output
@@ -86,25 +94,21 @@ def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, log: 
         # Written now, so that `capfilt inspect` can follow a job that is running or died half way.
         reports = layout.finished_reports(names, fingerprint)
         write_json_atomically(layout.manifest, build_manifest(spec, rows, names, reports, {}))
-        download_start = time.perf_counter()
-        if rows:
-            DownloadStage(spec, layout).run(distributor="ray")
-        download_s = time.perf_counter() - download_start
+        pending = [n for n in names if n not in reports]
         downloaded = set(layout.downloaded_shards())
-        unfinished = "download did not finish; run the job again to retry"
-        errors = {n: unfinished for n in names if n not in downloaded}
-        pending = [n for n in names if n in downloaded and n not in reports]
-        log(f"capfilt: {rows} input rows in {len(names)} shards: {len(reports)} already done, "
-            f"{len(pending)} to caption and filter, {len(errors)} not downloaded")  # fmt: skip
+        on_disk = sum(n in downloaded for n in pending)
+        log(
+            f"capfilt: {rows} input rows in {len(names)} shards: {len(reports)} already done, "
+            f"{len(pending)} to caption and filter ({on_disk} of them downloaded already)"
+        )
         outcome = _Outcome()
         if pending:
-            outcome = _capfilt(spec, layout, pending, fingerprint, log, stage_type, preprocess)
+            outcome = _stream(spec, layout, pending, fingerprint, log, stage_type, preprocess)
             reports.update(outcome.reports)
-            errors.update(outcome.errors)
-        outcome.timings.download_s = download_s
         log(outcome.timings.summary())
-    manifest = build_manifest(spec, rows, names, reports, errors, actors=list(outcome.actors.values()),
-                              timings=outcome.timings.as_dict())  # fmt: skip
+    actors = list(outcome.actors.values())
+    timings = outcome.timings.as_dict()
+    manifest = build_manifest(spec, rows, names, reports, outcome.errors, actors=actors, timings=timings)
     write_json_atomically(layout.manifest, manifest)
     check_accounting(manifest)
     return JobResult(manifest, layout)
@@ -140,75 +144,215 @@ class _Outcome:
         self.actors.setdefault(chunk["actor"], {**placement, "chunks": 0})["chunks"] += 1
 
 
-def _capfilt(spec: JobSpec, layout: OutputLayout, shards: list[str], fingerprint: str, log: Log,
-             stage_type: type[CapFiltStage], preprocess: PreprocessStage) -> _Outcome:  # fmt: skip
+def _stream(
+    spec: JobSpec,
+    layout: OutputLayout,
+    shards: list[str],
+    fingerprint: str,
+    log: Log,
+    stage_type: type[CapFiltStage],
+    preprocess: PreprocessStage,
+) -> _Outcome:
+    """Download, caption/filter and write `shards` as one stream (see the module's docstring)."""
     import ray
 
     start, started_at = time.perf_counter(), time.time()
-    batch_size = spec.captioner.batch_size
-    expected = {name: chunk_count(layout, name, batch_size) for name in shards}
+    outcome = _Outcome()
+    stage = stage_type(spec.captioner, spec.filter, _actor_resources(spec, log))
+    actors = spec.resources.actors or _actors_for(stage.resources)
+    plan = _StreamPlan.of(spec, actors, stage.resources)
+    each = f"{stage.resources.gpus} GPU and {stage.resources.cpus} CPU each"
+    log(f"capfilt: {actors} CapFilt actor(s), {each}; {plan.describe()}")
+    slots = ray.remote(num_cpus=0)(_Slots).remote(plan.in_flight)
     writer = ShardWriter(layout, spec.filter.threshold, fingerprint)
     write = ray.remote(num_cpus=writer.resources.cpus)(_write_shard)
-    writes = {name: write.remote(writer, name, []) for name in shards if expected[name] == 0}
-    outcome = _Outcome()
-    to_score = [name for name in shards if expected[name] > 0]
-    if to_score:
-        stage = stage_type(spec.captioner, spec.filter, _actor_resources(spec, log))
-        actors = spec.resources.actors or _actors_for(stage.resources)
-        per_actor = f"{stage.resources.gpus} GPU and {stage.resources.cpus} CPU each"
-        log(f"capfilt: {actors} CapFilt actor(s), {per_actor}")
+    writes: dict[str, Any] = {}
+    download = _DownloadWithDeadline(ShardDownload(spec, layout), slots, plan)
+    ds = (
+        ray.data.from_items([{"shard": name} for name in shards], override_num_blocks=len(shards))
+        .map(download, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=plan.download_tasks))
+        .flat_map(ChunkReader(layout, spec.captioner.batch_size), num_cpus=0.25)
         # Ray Data fuses preprocessing into the actor only when their resources are equal (a CPU-only
         # run, where that costs nothing); with GPUs it stays in CPU tasks and the GPU never decodes.
-        ds = (
-            ray.data.from_items([{"shard": name} for name in to_score])
-            .flat_map(ChunkReader(layout, batch_size), num_cpus=0.25)
-            .map(preprocess, num_cpus=preprocess.resources.cpus)
-            .map(
-                _StageActor,
-                fn_constructor_args=(stage,),
-                compute=ray.data.ActorPoolStrategy(size=actors),
-                num_cpus=stage.resources.cpus,
-                num_gpus=stage.resources.gpus,
-            )  # Ray Data places the actors with SPREAD: one lost node costs few of them (tested)
-        )
-        # By chunk number: should Ray ever deliver a retried chunk twice, it counts once.
-        arrived: dict[str, dict[int, Chunk]] = defaultdict(dict)
-        try:
-            for row in ds.iter_rows():
-                chunk, name = dict(row), row["shard"]
-                if name in outcome.errors or name in writes or chunk["chunk"] in arrived[name]:
-                    continue
-                outcome.count(chunk)
-                if chunk["error"]:
-                    outcome.errors[name] = f"caption/filter failed: {chunk['error']}"
-                    log(f"capfilt: shard {name} failed: {outcome.errors[name]}")
-                    arrived.pop(name, None)
-                    continue
-                outcome.timings.add_chunk(chunk, chunk["ready_at"] - started_at)
-                arrived[name][chunk["chunk"]] = chunk
-                if len(arrived[name]) == expected[name]:
-                    writes[name] = write.remote(writer, name, list(arrived.pop(name).values()))
-        except Exception as err:  # the stage failed: finished shards stay, the rest are reported
-            reason = f"caption/filter stage failed: {one_line(err)}"
-            log(f"capfilt: {reason}")
-            unfinished = [name for name in to_score if name not in writes and name not in outcome.errors]
-            outcome.errors.update(dict.fromkeys(unfinished, reason))
+        .map(preprocess, num_cpus=preprocess.resources.cpus)
+        .map(
+            _StageActor,
+            fn_constructor_args=(stage,),
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=stage.resources.cpus,
+            num_gpus=stage.resources.gpus,
+        )  # Ray Data places the actors with SPREAD: one lost node costs few of them (tested)
+    )
+
+    def fail(name: str, reason: str) -> None:
+        outcome.errors[name] = reason
+        log(f"capfilt: shard {name} failed: {reason}")
+        arrived.pop(name, None)
+        slots.release.remote(name)
+
+    # By chunk number: should Ray ever deliver a retried chunk twice, it counts once.
+    arrived: dict[str, dict[int, Chunk]] = defaultdict(dict)
+    try:
+        for row in ds.iter_rows():
+            chunk, name = dict(row), row["shard"]
+            if name in outcome.errors or name in writes or chunk["chunk"] in arrived[name]:
+                continue
+            outcome.timings.add_download(chunk, chunk["downloaded_at"] - started_at)
+            if chunk["download_error"]:
+                fail(name, chunk["download_error"])
+                continue
+            if chunk["chunks"] == 0:  # nothing downloaded to score: the shard is all other fates
+                writes[name] = write.remote(writer, name, [], slots)
+                continue
+            outcome.count(chunk)
+            if chunk["error"]:
+                fail(name, f"caption/filter failed: {chunk['error']}")
+                continue
+            outcome.timings.add_chunk(chunk, chunk["ready_at"] - started_at)
+            arrived[name][chunk["chunk"]] = chunk
+            if len(arrived[name]) == chunk["chunks"]:
+                writes[name] = write.remote(writer, name, list(arrived.pop(name).values()), slots)
+    except Exception as err:  # the stream failed: committed shards stay, the rest are reported
+        reason = f"caption/filter stage failed: {one_line(err)}"
+        log(f"capfilt: {reason}")
+        unfinished = [name for name in shards if name not in writes and name not in outcome.errors]
+        outcome.errors.update(dict.fromkeys(unfinished, reason))
     for name, ref in writes.items():
         try:
-            outcome.reports[name], seconds = ray.get(ref)
-            outcome.timings.busy_s["write"] += seconds
+            outcome.reports[name], seconds, committed_at = ray.get(ref)
+            outcome.timings.add_commit(seconds, committed_at - started_at)
         except Exception as err:
             outcome.errors[name] = f"writing the shard failed: {one_line(err)}"
+    outcome.timings.shards_in_flight = {"limit": plan.in_flight, "peak": ray.get(slots.peak.remote())}
+    (layout.downloads / "_tmp").rmtree()  # the downloads' staged inputs, as img2dataset leaves it
     outcome.timings.caption_filter_s = time.perf_counter() - start
     return outcome
 
 
-def _write_shard(writer: ShardWriter, shard: str, chunks: list[Chunk]) -> tuple[dict[str, Any], float]:
-    """The shard's report, and the seconds writing it took."""
+@dataclass(frozen=True)
+class _StreamPlan:
+    """How many shards download at once, how many may be in flight, and the download deadline."""
+
+    download_tasks: int
+    in_flight: int
+    deadline_s: float
+    attempts: int
+
+    @classmethod
+    def of(cls, spec: JobSpec, actors: int, actor: Resources) -> _StreamPlan:
+        """Unset values follow the cluster: downloads use the CPUs the actors leave (at least one),
+        and two shards per actor wait for the models beside the ones downloading."""
+        import ray
+
+        r = spec.resources
+        spare = int(ray.cluster_resources().get("CPU", 1) - actors * actor.cpus)
+        tasks = r.download_tasks or max(1, spare)
+        return cls(
+            download_tasks=tasks,
+            in_flight=r.shards_in_flight or tasks + 2 * actors,
+            deadline_s=r.download_deadline_s or default_download_deadline(spec),
+            attempts=r.download_attempts,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.download_tasks} shard(s) downloading at once, at most {self.in_flight} in flight, "
+            f"each download given {self.deadline_s:g} s and {self.attempts} attempt(s)"
+        )
+
+
+def default_download_deadline(spec: JobSpec) -> float:
+    """Twice the time a shard takes when every request of it times out, plus a minute: a download
+    past it is hung, not slow."""
+    d = spec.download
+    rounds = math.ceil(spec.output.shard_size / d.thread_count) * (d.retries + 1)
+    return 2 * rounds * d.timeout + 60
+
+
+class _DownloadWithDeadline:
+    """Ray Data's callable around `ShardDownload`: takes a slot (`_Slots`), then runs each attempt as
+    its own Ray task, killed (`ray.cancel(force=True)`) when it outlives the deadline. Returns the
+    shard with `download_error` "" once it is on disk, or the last attempt's reason."""
+
+    def __init__(self, download: ShardDownload, slots: Any, plan: _StreamPlan) -> None:
+        self.download, self.slots, self.plan = download, slots, plan
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        import ray
+
+        shard = row["shard"]
+        ray.get(self.slots.acquire.remote(shard))
+        begun = time.perf_counter()
+        result = {"shard": shard, "download_error": "", "download_s": 0.0, "downloaded_at": 0.0}
+        if not self.download.done(shard):
+            attempt_task = ray.remote(num_cpus=self.download.resources.cpus, max_retries=0)(_download_attempt)
+            reason = ""
+            for attempt in range(1, self.plan.attempts + 1):
+                ref = attempt_task.remote(self.download, shard)
+                ready, _ = ray.wait([ref], timeout=self.plan.deadline_s)
+                if ready:
+                    try:
+                        ray.get(ref)
+                        break
+                    except Exception as err:
+                        reason = one_line(getattr(err, "cause", None) or err, 300)
+                else:
+                    ray.cancel(ref, force=True)
+                    reason = f"not done after its {self.plan.deadline_s:g} s deadline"
+                tried = f"download attempt {attempt} of {self.plan.attempts}"
+                _print_flushed(f"capfilt: shard {shard}: {tried} failed: {reason}")
+            else:
+                result["download_error"] = f"download failed {self.plan.attempts} times; the last: {reason}"
+        result["download_s"] = time.perf_counter() - begun
+        result["downloaded_at"] = time.time()
+        return result
+
+
+def _download_attempt(download: ShardDownload, shard: str) -> None:
+    download(shard)
+
+
+class _Slots:
+    """The bound on shards in flight: a shard takes a slot before its download starts and gives it
+    back once it is committed or failed. Taking and giving back are idempotent per shard, so a
+    download task that Ray runs again, or a failure reported twice, counts once."""
+
+    def __init__(self, limit: int) -> None:
+        import asyncio
+
+        self._free = asyncio.Semaphore(limit)
+        self._held: set[str] = set()
+        self._peak = 0
+
+    async def acquire(self, shard: str) -> None:
+        if shard in self._held:
+            return
+        await self._free.acquire()
+        self._held.add(shard)
+        self._peak = max(self._peak, len(self._held))
+
+    async def release(self, shard: str) -> None:
+        if shard in self._held:
+            self._held.remove(shard)
+            self._free.release()
+
+    async def peak(self) -> int:
+        return self._peak
+
+
+def _write_shard(
+    writer: ShardWriter, shard: str, chunks: list[Chunk], slots: Any
+) -> tuple[dict[str, Any], float, float]:
+    """Commit the shard and give its slot back: its report, the seconds writing took, and when."""
+    import ray
+
     seconds: dict[str, float] = {}
-    with stopwatch(seconds, "write"):
-        report = writer.write(shard, scores_by_key(chunks))
-    return report, seconds["write"]
+    try:
+        with stopwatch(seconds, "write"):
+            report = writer.write(shard, scores_by_key(chunks))
+    finally:
+        ray.get(slots.release.remote(shard))
+    return report, seconds["write"], time.time()
 
 
 class _StageActor:
@@ -235,7 +379,7 @@ class _StageActor:
 
     def __call__(self, row: Chunk) -> Chunk:
         scored = score_with_retry(self.stage, row, log=_print_flushed)
-        return {**scored, **self.placement, "preprocess_s": row["preprocess_s"]}
+        return {**scored, **self.placement, **{k: row[k] for k in PASSED_ON}}
 
 
 def _print_flushed(line: str) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.core.resources import Resources
 from pipeline.curate.capfilt_stage import CapFiltStage
-from pipeline.curate.chunks import Chunk, ChunkReader
+from pipeline.curate.chunks import Chunk, ChunkReader, on_disk
 from pipeline.curate.preprocess import PreprocessStage
 from pipeline.spec.config import JobSpec
 from pipeline.spec.layout import OutputLayout
@@ -29,7 +29,7 @@ def decoded_chunks(spec: JobSpec, images: int) -> list[Chunk]:
     chunks: list[Chunk] = []
     held = 0
     for shard in layout.downloaded_shards():
-        for chunk in read({"shard": shard}):
+        for chunk in read(on_disk(shard)):
             if held >= images:
                 return chunks
             chunks.append(preprocess(chunk))

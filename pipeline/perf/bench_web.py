@@ -21,22 +21,29 @@ POOL = 64  # distinct images
 WEB_SIZE = 512  # pixels on a side before the download resizes them
 
 
-def bench_site(rows: int, seed: int = 0) -> tuple[StaticSite, pa.Table]:
-    """A started site serving `rows` image URLs, and the URL list (url, caption) that names them."""
+def bench_site(rows: int, seed: int = 0, request_s: float = 0.0) -> tuple[StaticSite, pa.Table]:
+    """A started site serving `rows` image URLs, each request answered after `request_s` (a web's
+    latency), and the URL list (url, caption) that names them."""
     pool = [render_scene(seed * POOL + i, size=WEB_SIZE) for i in range(POOL)]
     bodies = [jpeg_bytes(image) for image, _ in pool]
     site = StaticSite({}).start()
     urls, captions = [], []
     for i in range(rows):
         path = f"/img/{i:08d}.jpg"
-        site.add(path, Route(body=bodies[i % POOL], headers=(("Content-Type", "image/jpeg"),)))
+        jpeg = (("Content-Type", "image/jpeg"),)
+        site.add(path, Route(body=bodies[i % POOL], headers=jpeg, stall_s=request_s))
         urls.append(site.url(path))
         captions.append(pool[i % POOL][1])
     return site, pa.table({"url": urls, "caption": captions})
 
 
 def bench_spec(
-    root: Path, url_list: pa.Table, models: TinyModelPaths, image_size: int, batch_size: int
+    root: Path,
+    url_list: pa.Table,
+    models: TinyModelPaths,
+    image_size: int,
+    batch_size: int,
+    shard_size: int = 1000,
 ) -> JobSpec:
     """A job over the URL list, written under `root`: one actor, one caption per image."""
     root.mkdir(parents=True, exist_ok=True)
@@ -47,6 +54,6 @@ def bench_spec(
         "captioner": {"model": str(models.captioner), "num_captions": 1, "batch_size": batch_size},
         "filter": {"model": str(models.itm), "batch_size": 4 * batch_size},
         "resources": {"actors": 1},
-        "output": {"path": str(root / "output"), "shard_size": 1000},
+        "output": {"path": str(root / "output"), "shard_size": shard_size},
     }
     return spec_from_dict(raw)

@@ -4,7 +4,8 @@
    models; the job's manifest says where its time went (`pipeline.core.timings`).
 2. Ray tax: the pipeline's caption/filter rate once its actor is ready, over the rate of the same
    stage in a bare loop over the same decoded batches (`bare_loop`).
-3. Download: img2dataset inside capfilt (Ray) over plain img2dataset on the same list (`plain_download`).
+3. Download: plain img2dataset alone on the same list (`plain_download`) over the moment the job's
+   stream had its last shard on disk, the models working beside the downloads.
 4. Memory: peak RSS of the driver and the workers at each row count; a pipeline that streams keeps
    them flat.
 5. Model cost: the CapFilt actor over the plain Hugging Face loop at BLIP-base and -large sizes

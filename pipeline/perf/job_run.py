@@ -23,6 +23,7 @@ from pipeline.spec.layout import OutputLayout
 @dataclass(frozen=True)
 class JobRun:
     wall_s: float
+    started_at: float  # time.time() when `capfilt run` was started
     manifest: dict[str, Any]
     peaks: Peaks
     log: str
@@ -36,7 +37,7 @@ def run_watched(spec: JobSpec, job_file: Path) -> JobRun:
     """Run the job to the end in a child process; raise with its log's tail if it did not complete."""
     job_file.write_text(yaml.safe_dump(spec.to_dict()))
     log_file = job_file.with_suffix(".log")
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     with log_file.open("w") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "run", str(job_file)], stdout=log, stderr=subprocess.STDOUT
@@ -48,4 +49,4 @@ def run_watched(spec: JobSpec, job_file: Path) -> JobRun:
     if code != 0:
         raise RuntimeError(f"capfilt run {job_file} exited {code}:\n" + "\n".join(text.splitlines()[-30:]))
     manifest = OutputLayout(spec.output.path).manifest.read_json()
-    return JobRun(wall, manifest, watch.peaks, text)
+    return JobRun(wall, started_at, manifest, watch.peaks, text)

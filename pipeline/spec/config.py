@@ -23,6 +23,7 @@ import yaml
 from pipeline.core.messages import printable
 from pipeline.core.storage import Location, is_uri
 from pipeline.spec.bundled import bundled_path
+from pipeline.spec.list_files import ListFilesError, list_files
 
 DEFAULT_DISALLOWED_HEADER_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 
@@ -69,7 +70,7 @@ def _parse_yaml(text: str) -> Any:
 @dataclass(frozen=True)
 class InputSpec:
     url_list: str
-    input_format: str = "parquet"
+    input_format: str | None = None  # None: from the extension of the list's files (`list_files`)
     url_col: str = "url"
     caption_col: str | None = "caption"
     extra_columns: tuple[str, ...] = ()
@@ -116,9 +117,15 @@ class FilterSpec:
 
 @dataclass(frozen=True)
 class ResourcesSpec:
+    """How the job runs, never what it writes: none of these is in a fingerprint."""
+
     actors: int | None = None
     gpus_per_actor: float = 1
     cpus_per_actor: float = 1
+    download_tasks: int | None = None  # None: the CPUs the actors leave, at least one
+    shards_in_flight: int | None = None  # None: download_tasks + 2 per actor
+    download_deadline_s: float | None = None  # None: `runner.default_download_deadline`
+    download_attempts: int = 3
 
 
 @dataclass(frozen=True)
@@ -232,10 +239,8 @@ def load_spec(
 
 
 def spec_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """A spec to run: validated, typed, and its URL list must exist."""
-    spec = typed_spec(raw, overrides)
-    _check_files(spec)
-    return spec
+    """A spec to run: validated, typed, its URL list's files found and their format settled."""
+    return _check_files(typed_spec(raw, overrides))
 
 
 def typed_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
@@ -349,7 +354,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
         expected = " or ".join(expected) if isinstance(expected, list) else expected
         return f"{where or '(top level)'}: expected {expected}, got {error.instance!r}"
     if error.validator == "enum":
-        return f"{where}: {error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
+        choices = ", ".join("null (the default)" if v is None else str(v) for v in error.validator_value)
+        return f"{where}: {error.instance!r} is not one of {choices}"
     return f"{where or '(top level)'}: {error.message}"
 
 
@@ -364,17 +370,17 @@ def _check_networks(download: DownloadSpec) -> None:
                 ) from None
 
 
-def _check_files(spec: JobSpec) -> None:
-    url_list = spec.input.url_list
+def _check_files(spec: JobSpec) -> JobSpec:
+    """The spec with `input.input_format` settled from the list's files (so the spec a job records,
+    and its fingerprints, name it), once the list and the output location are found usable."""
     try:
-        found = Location.of(url_list).is_file()
-    except (ImportError, ValueError, OSError) as err:  # unknown scheme, backend not installed, no access
-        raise SpecError(f"input.url_list: cannot open {url_list}: {' '.join(str(err).split())}") from None
-    if not found:
-        raise SpecError(f"input.url_list: no such file: {url_list} (a local path or an fsspec URI)")
+        _, input_format = list_files(spec.input.url_list, spec.input.input_format)
+    except ListFilesError as err:
+        raise SpecError(str(err)) from None
     output = spec.output.path
     if is_uri(output):
         try:
             Location.of(output)
         except (ImportError, ValueError) as err:
             raise SpecError(f"output.path: cannot open {output}: {' '.join(str(err).split())}") from None
+    return dataclasses.replace(spec, input=dataclasses.replace(spec.input, input_format=input_format))

@@ -70,6 +70,7 @@ class StaticSite:
         self.host = host
         self._routes: dict[str, Route] = dict(routes)
         self._hits: Counter[str] = Counter()
+        self._first_hit: dict[str, float] = {}
         self._lock = threading.Lock()
         self._server: _QuietServer | None = None
         self._thread: threading.Thread | None = None
@@ -83,6 +84,7 @@ class StaticSite:
         path = urlsplit(raw_path).path
         with self._lock:
             self._hits[path] += 1
+            self._first_hit.setdefault(path, time.time())
             return path, self._routes.get(path)
 
     def start(self) -> StaticSite:
@@ -172,6 +174,11 @@ class StaticSite:
     def hits(self, path: str) -> int:
         with self._lock:
             return self._hits[path]
+
+    def first_hit(self, path: str) -> float | None:
+        """When (`time.time()`) `path` was first requested; None when never."""
+        with self._lock:
+            return self._first_hit.get(path)
 
     @property
     def total_hits(self) -> int:

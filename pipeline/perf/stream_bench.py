@@ -1,0 +1,188 @@
+"""`capfilt bench stream`: what running a job as a stream buys, on a loopback web.
+
+1. First shard: the same job on a short and a long list (600 and 9,600 URLs, every request answered
+   after 40 ms, 200-row shards): seconds from `capfilt run` to its first committed shard (the first
+   `done.json`). A stream commits shard 0 after downloading a few shards, whatever the list's length.
+2. Overlap: a 20,000-URL job end to end against its two halves alone, in the same run: the download
+   alone (plain img2dataset on the same prepared list, a process per core) and caption/filter alone
+   (the same job run again over its own downloads, its shards removed). End to end within 1.15x of
+   the slower half means they overlap; the sum would mean they take turns.
+3. Memory and disk: the driver's peak RSS and the peak bytes under the output at each size.
+
+Each job runs as `capfilt run` in a child process (`job_run`), with the tiny models and one actor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.curate.tiny_models import IMAGE_SIZE, write_tiny_models
+from pipeline.perf.bench_web import bench_site, bench_spec
+from pipeline.perf.harness import machine
+from pipeline.perf.job_run import JobRun, run_watched
+from pipeline.perf.plain_download import plain_download_s
+from pipeline.spec.layout import OutputLayout
+
+FIRST_SHARD_RATIO_TARGET = 1.3  # long list's first commit over the short list's
+FIRST_SHARD_SHARE_TARGET = 0.5  # the long list's first commit, as a share of its run
+OVERLAP_TARGET = 1.15  # end to end over the slower half
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    work: Path
+    first_rows: tuple[int, int] = (600, 9600)
+    first_shard_size: int = 200
+    request_s: float = 0.04
+    overlap_rows: int = 20000
+    overlap_shard_size: int = 1000
+    batch_size: int = 64
+
+
+def run_stream_bench(settings: StreamSettings, log: Any = print) -> dict[str, Any]:
+    """Every figure of the bench, as one JSON-ready dict."""
+    models = write_tiny_models(settings.work / "tiny-models")
+    report: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    report["settings"] = _settings(settings)
+    first = {}
+    for rows in settings.first_rows:
+        log(f"stream: {rows} rows at {settings.request_s * 1000:.0f} ms a request ...")
+        first[str(rows)] = _first_shard(settings, models, rows)
+    short, long = (first[str(r)] for r in settings.first_rows)
+    report["first_shard"] = {
+        **first,
+        "ratio": round(long["first_commit_s"] / short["first_commit_s"], 3),
+        "share_of_long_run": round(long["first_commit_s"] / long["wall_s"], 3),
+    }
+    log(f"stream: {settings.overlap_rows} rows end to end, then each half alone ...")
+    report["overlap"] = _overlap(settings, models)
+    return report
+
+
+def _first_shard(settings: StreamSettings, models: Any, rows: int) -> dict[str, Any]:
+    root = settings.work / f"first-{rows}"
+    shutil.rmtree(root, ignore_errors=True)
+    site, url_list = bench_site(rows, request_s=settings.request_s)
+    try:
+        spec = bench_spec(root, url_list, models, IMAGE_SIZE, settings.batch_size, settings.first_shard_size)
+        with _DiskWatch(root / "output") as disk:
+            run = run_watched(spec, root / "job.yaml")
+        return {**_figures(run, spec.output.path), "peak_disk_mb": disk.peak_mb()}
+    finally:
+        site.stop()
+
+
+def _overlap(settings: StreamSettings, models: Any) -> dict[str, Any]:
+    root = settings.work / f"overlap-{settings.overlap_rows}"
+    shutil.rmtree(root, ignore_errors=True)
+    site, url_list = bench_site(settings.overlap_rows)
+    try:
+        shard_size = settings.overlap_shard_size
+        spec = bench_spec(root, url_list, models, IMAGE_SIZE, settings.batch_size, shard_size)
+        with _DiskWatch(root / "output") as disk:
+            both = run_watched(spec, root / "job.yaml")
+        layout = OutputLayout(spec.output.path)
+        layout.shards.rmtree()  # caption/filter alone: the same job again, over its own downloads
+        layout.manifest.unlink()
+        alone = run_watched(spec, root / "job-again.yaml")
+        download = round(plain_download_s(spec, root / "plain-img2dataset"), 3)
+    finally:
+        site.stop()
+    stream, capfilt = both.timings["caption_filter_s"], alone.timings["caption_filter_s"]
+    slower, faster = max(download, capfilt), min(download, capfilt)
+    return {
+        "rows": settings.overlap_rows,
+        "end_to_end_s": stream,
+        "download_alone_s": download,
+        "caption_filter_alone_s": capfilt,
+        "ratio_to_slower_half": round(stream / slower, 3),
+        # 1: the faster half was hidden entirely behind the slower; 0: the halves took turns.
+        "overlap_fraction": round((download + capfilt - stream) / faster, 3),
+        "end_to_end": _figures(both, spec.output.path),
+        "peak_disk_mb": disk.peak_mb(),
+    }
+
+
+def _figures(run: JobRun, output: str) -> dict[str, Any]:
+    """Seconds from `capfilt run` to the first commit and to the end, and the driver's peak memory."""
+    markers = OutputLayout(output).shards.glob("*.done.json")
+    first = min(os.stat(m).st_mtime for m in markers) - run.started_at
+    return {
+        "rows": run.manifest["input_rows"],
+        "shards": len(run.manifest["shards"]),
+        "wall_s": round(run.wall_s, 2),
+        "first_commit_s": round(first, 2),
+        "driver_peak_mb": run.peaks.memory_mb()["driver_mb"],
+        "timings": run.timings,
+    }
+
+
+class _DiskWatch:
+    """The most bytes under a directory, sampled every half second while the `with` runs."""
+
+    def __init__(self, root: Path, interval: float = 0.5) -> None:
+        self.root, self.interval, self.peak = root, interval, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _DiskWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            self.peak = max(self.peak, _bytes_under(self.root))
+        self.peak = max(self.peak, _bytes_under(self.root))
+
+
+def _bytes_under(root: Path) -> int:
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):  # renamed or removed between the listing and the stat
+                total += os.stat(os.path.join(folder, name)).st_size
+    return total
+
+
+def _settings(settings: StreamSettings) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
+
+
+def format_stream_report(report: dict[str, Any]) -> str:
+    """The figures as the table `capfilt bench stream` prints."""
+    m, f, o = report["machine"], report["first_shard"], report["overlap"]
+    short, long = (f[str(r)] for r in report["settings"]["first_rows"])
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['gpu']}; torch {m['torch']}; {report['date']}",
+        "first committed shard (s from `capfilt run`), run wall (s), driver peak MB, disk peak MB:",
+    ]
+    for run in (short, long):
+        lines.append(
+            f"  {run['rows']:>6} rows ({run['shards']} shards): first {run['first_commit_s']:>6} of "
+            f"{run['wall_s']:>7}; driver {run['driver_peak_mb']} MB; disk {run['peak_disk_mb']} MB"
+        )
+    lines += [
+        f"  long / short first commit: {f['ratio']:.3f} (target <= {FIRST_SHARD_RATIO_TARGET}); "
+        f"long run's first commit at {f['share_of_long_run']:.0%} of it "
+        f"(target < {FIRST_SHARD_SHARE_TARGET:.0%})",
+        f"overlap, {o['rows']} rows: end to end {o['end_to_end_s']} s; "
+        f"download alone {o['download_alone_s']} s, caption/filter alone {o['caption_filter_alone_s']} s",
+        f"  end to end / slower half: {o['ratio_to_slower_half']:.3f} (target <= {OVERLAP_TARGET}); "
+        f"overlap fraction {o['overlap_fraction']:.2f}; driver {o['end_to_end']['driver_peak_mb']} MB; "
+        f"disk peak {o['peak_disk_mb']} MB",
+    ]
+    return "\n".join(lines)
