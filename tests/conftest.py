@@ -51,17 +51,24 @@ def s3_endpoint() -> Iterator[str]:
         yield endpoint
 
 
+def start_local_ray() -> None:
+    """A local Ray of its own ("local": even while a test's `ray start` or multi-node cluster is the
+    one a plain ray.init() would join), replacing any this process is connected to."""
+    import ray
+
+    from pipeline.job.runner import WORKER_ENV
+
+    ray.shutdown()
+    env = {"env_vars": WORKER_ENV}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env=env, log_to_driver=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_endpoint) -> Iterator[None]:
     """One local Ray; started after the S3 endpoint is in the environment, so its workers have it."""
     import ray
 
-    from pipeline.job.runner import WORKER_ENV
-
-    # "local": a Ray of its own, even while a test's `ray start` or multi-node cluster is the one a
-    # plain ray.init() would join.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV},
-             log_to_driver=False)  # fmt: skip
+    start_local_ray()
     yield
     ray.shutdown()
 

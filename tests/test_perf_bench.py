@@ -67,7 +67,7 @@ def test_bench_perf_runs_the_job_and_its_baselines_and_writes_every_figure(tmp_p
     pipeline = report["pipeline"]
     assert pipeline["rows"] == 100 and pipeline["wall_s"] > 0
     assert pipeline["caption_filter_images_per_s"] > 0 and 0 < pipeline["actor_busy"] <= 1
-    assert set(pipeline["per_worker_per_s"]) == {"preprocess", "caption", "itm", "write"}
+    assert set(pipeline["per_worker_per_s"]) == {"download", "preprocess", "caption", "itm", "write"}
     assert report["ray_tax"] == round(
         pipeline["caption_filter_images_per_s"] / report["bare_loop_images_per_s"], 3
     )

@@ -138,5 +138,5 @@ def test_refusals_name_what_is_wrong(curated_job, tmp_path, capsys):
     OutputLayout(half).shard_report("00001").write_text(
         (curated_job.layout.shards / "00001.done.json").read_text()
     )
-    with pytest.raises(OutputError, match="needs the job's downloads/"):
+    with pytest.raises(OutputError, match=r"raw downloads of 5 of 5 shards are gone .* rethreshold"):
         rethreshold(JobOutput.open(half), 0.6, tmp_path / "c")

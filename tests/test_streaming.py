@@ -5,6 +5,7 @@ and a job killed between a shard's download and its commit resumes to the same o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from ray import cloudpickle
 
+from pipeline.cli import main
 from pipeline.curate.capfilt_stage import CapFiltStage
 from pipeline.job.runner import run_job
 from pipeline.spec.fates import Fate
@@ -49,7 +51,7 @@ def shard_site():
 
 def shard_job(tmp_path, rows, models, out: str = "out", **sections):
     """A job over `rows` in shards of `SHARD` rows."""
-    return make_spec(tmp_path, rows, models, out=out, output={"shard_size": SHARD}, **sections)
+    return make_spec(tmp_path, rows, models, out=out, **{"output": {"shard_size": SHARD}, **sections})
 
 
 def shard_timeline(site: StaticSite, layout, shards: int) -> list[tuple[float, float]]:
@@ -144,3 +146,25 @@ def test_a_job_killed_between_download_and_commit_resumes_to_the_clean_output(
         assert pq.read_table(layout.shard_parquet(name)).equals(
             pq.read_table(clean.layout.shard_parquet(name))
         )
+
+
+def test_without_keep_downloads_a_committed_shard_leaves_no_raw_images(tmp_path, shard_site, tiny_models):
+    rows = [(shard_site.url(f"/s{i:03d}.jpg"), f"row {i}") for i in range(12)]
+    spec = shard_job(tmp_path, rows, tiny_models, output={"shard_size": SHARD, "keep_downloads": False})
+    result = run_job(spec, log=lambda _: None)
+    kept = run_job(shard_job(tmp_path, rows, tiny_models, out="kept"), log=lambda _: None)
+    layout = result.layout
+    assert result.complete and result.manifest["counts"] == kept.manifest["counts"]
+    assert sorted(p.name for p in layout.downloads.iterdir()) == [f"0000{i}_stats.json" for i in range(3)]
+    for name in ("00000", "00001", "00002"):
+        assert pq.read_table(layout.shard_parquet(name)).equals(
+            pq.read_table(kept.layout.shard_parquet(name))
+        )
+    rethreshold = ["rethreshold", str(layout.root), "--threshold", "0.6", "--out", str(tmp_path / "t")]
+    for command in (rethreshold, ["retry-failed", str(layout.root)]):
+        assert main(command) == 2
+    # A commit made stale (a new threshold) downloads its shard again, since its images are gone.
+    hits = shard_site.total_hits
+    stricter = dataclasses.replace(spec, filter=dataclasses.replace(spec.filter, threshold=0.6))
+    again = run_job(stricter, log=lambda _: None)
+    assert again.complete and shard_site.total_hits == hits + 12

@@ -81,7 +81,9 @@ class ShardDownload:
     resources: ClassVar[Resources] = Resources(cpus=1)  # img2dataset resizes on the calling thread
 
     def done(self, shard: str) -> bool:
-        return self.layout.raw_stats(shard).exists()
+        """On disk: img2dataset's stats file (written last) and the rows (gone when
+        `output.keep_downloads` is false and the shard was committed; a stale commit downloads again)."""
+        return self.layout.raw_stats(shard).exists() and self.layout.raw_parquet(shard).exists()
 
     def __call__(self, shard: str) -> None:
         """Raises what img2dataset raised; the runner retries the shard."""

@@ -133,8 +133,7 @@ def prepare(spec: InputSpec, policy: NetworkPolicy, out: Location, fingerprint: 
             )
     schema = prepared_schema(spec).with_metadata({FINGERPRINT_KEY: identity})
     rows = 0
-    repeats = DuplicateCounter()
-    with out.writing() as stream, pq.ParquetWriter(stream, schema) as writer:
+    with DuplicateCounter() as repeats, out.writing() as stream, pq.ParquetWriter(stream, schema) as writer:
         for batch in read_batches(spec):
             urls = batch.column("url").to_pylist()
             writer.write_batch(_prepared(batch, urls, policy, schema))

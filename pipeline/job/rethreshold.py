@@ -49,11 +49,7 @@ def rethreshold(source: JobOutput, threshold: float, target: str | Path | Locati
         raise OutputError(f"--out {target}: name a prefix inside the bucket (e.g. {target.uri}/new)")
     if any(target.iterdir()) and not _interrupted_here(target):
         raise OutputError(f"--out {target}: not empty; rethreshold writes a new output directory")
-    if names and not source.layout.downloads.is_dir():
-        raise OutputError(
-            f"{source.layout.downloads}: missing; the shards are written again from the raw shards "
-            "(their images), so rethreshold needs the job's downloads/"
-        )
+    source.require_downloads(names, "rethreshold (it writes the shards again from their images)")
     spec = source.spec
     spec = dataclasses.replace(
         spec,

@@ -69,6 +69,7 @@ def retry_failed(output: JobOutput, address: str | None = None, log: Log = print
     neither."""
     with lock_output(output.layout.root, log=log):
         shards = output.require_complete("retry its failed downloads")
+        output.require_downloads(shards, "retry-failed (it patches the retried rows into them)")
         spec = output.spec
         work = output.layout.root / RETRY_DIR
         work.rmtree()

@@ -167,6 +167,7 @@ def _stream(
     writer = ShardWriter(layout, spec.filter.threshold, fingerprint)
     write = ray.remote(num_cpus=writer.resources.cpus)(_write_shard)
     writes: dict[str, Any] = {}
+    keep = spec.output.keep_downloads
     download = _DownloadWithDeadline(ShardDownload(spec, layout), slots, plan)
     ds = (
         ray.data.from_items([{"shard": name} for name in shards], override_num_blocks=len(shards))
@@ -202,7 +203,7 @@ def _stream(
                 fail(name, chunk["download_error"])
                 continue
             if chunk["chunks"] == 0:  # nothing downloaded to score: the shard is all other fates
-                writes[name] = write.remote(writer, name, [], slots)
+                writes[name] = write.remote(writer, name, [], slots, keep)
                 continue
             outcome.count(chunk)
             if chunk["error"]:
@@ -211,7 +212,7 @@ def _stream(
             outcome.timings.add_chunk(chunk, chunk["ready_at"] - started_at)
             arrived[name][chunk["chunk"]] = chunk
             if len(arrived[name]) == chunk["chunks"]:
-                writes[name] = write.remote(writer, name, list(arrived.pop(name).values()), slots)
+                writes[name] = write.remote(writer, name, list(arrived.pop(name).values()), slots, keep)
     except Exception as err:  # the stream failed: committed shards stay, the rest are reported
         reason = f"caption/filter stage failed: {one_line(err)}"
         log(f"capfilt: {reason}")
@@ -341,15 +342,19 @@ class _Slots:
 
 
 def _write_shard(
-    writer: ShardWriter, shard: str, chunks: list[Chunk], slots: Any
+    writer: ShardWriter, shard: str, chunks: list[Chunk], slots: Any, keep_downloads: bool
 ) -> tuple[dict[str, Any], float, float]:
-    """Commit the shard and give its slot back: its report, the seconds writing took, and when."""
+    """Commit the shard (deleting its raw download after, unless kept) and give its slot back: its
+    report, the seconds writing took, and when it was committed."""
     import ray
 
     seconds: dict[str, float] = {}
     try:
         with stopwatch(seconds, "write"):
             report = writer.write(shard, scores_by_key(chunks))
+            if not keep_downloads:
+                for raw in writer.layout.raw_images_and_rows(shard):
+                    raw.unlink(missing_ok=True)
     finally:
         ray.get(slots.release.remote(shard))
     return report, seconds["write"], time.time()

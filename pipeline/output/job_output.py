@@ -107,3 +107,16 @@ class JobOutput:
                 f"finish it with `capfilt run` (it resumes), then {command}"
             )
         return [s.name for s in states]
+
+    def require_downloads(self, shards: list[str], command: str) -> None:
+        """Every shard's raw download (tar and rows) is there: `command` reads the images of rows
+        the output does not hold. From one listing of `downloads/`."""
+        present = {p.name for p in self.layout.downloads.files()} if self.layout.downloads.is_dir() else set()
+        missing = [s for s in shards if not {f"{s}.tar", f"{s}.parquet"} <= present]
+        if missing:
+            raise OutputError(
+                f"{self.layout.downloads}: the raw downloads of {len(missing)} of {len(shards)} shards are "
+                f"gone (first {missing[0]}; the job ran with output.keep_downloads: false, or they were "
+                f"deleted); {command} needs them: run the job again into a new output.path with "
+                "output.keep_downloads: true"
+            )

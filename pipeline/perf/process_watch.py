@@ -52,7 +52,7 @@ class ProcessWatch:
         if not self._done.is_set():
             self._done.set()
             self._thread.join()
-            self.peaks.cpu_busy = _busy_share(self._cpu_start, psutil.cpu_times())
+            self.peaks.cpu_busy = busy_share(self._cpu_start, psutil.cpu_times())
         return self.peaks
 
     def _run(self) -> None:
@@ -82,7 +82,7 @@ class ProcessWatch:
         self.peaks.ray_system_mb = max(self.peaks.ray_system_mb, system)
 
 
-def _busy_share(start: psutil._common.scputimes, end: psutil._common.scputimes) -> float:
+def busy_share(start: psutil._common.scputimes, end: psutil._common.scputimes) -> float:
     """1 - idle share of all the CPU time that passed between two `psutil.cpu_times()` readings."""
     total = sum(end) - sum(start)
     idle = (end.idle + getattr(end, "iowait", 0.0)) - (start.idle + getattr(start, "iowait", 0.0))

@@ -7,7 +7,10 @@
    alone (plain img2dataset on the same prepared list, a process per core) and caption/filter alone
    (the same job run again over its own downloads, its shards removed). End to end within 1.15x of
    the slower half means they overlap; the sum would mean they take turns.
-3. Memory and disk: the driver's peak RSS and the peak bytes under the output at each size.
+3. Memory and disk: the driver's peak RSS at each size; the peak bytes of raw shards under
+   `downloads/` in the first-shard runs (`output.keep_downloads: false`: a raw shard goes once
+   committed, so the peak follows the shards in flight, not the list), and under the whole output
+   in the overlap run (downloads kept, for its second half).
 
 Each job runs as `capfilt run` in a child process (`job_run`), with the tiny models and one actor.
 """
@@ -15,6 +18,7 @@ Each job runs as `capfilt run` in a child process (`job_run`), with the tiny mod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import threading
@@ -23,11 +27,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from pipeline.curate.tiny_models import IMAGE_SIZE, write_tiny_models
 from pipeline.perf.bench_web import bench_site, bench_spec
 from pipeline.perf.harness import machine
 from pipeline.perf.job_run import JobRun, run_watched
 from pipeline.perf.plain_download import plain_download_s
+from pipeline.perf.process_watch import busy_share
 from pipeline.spec.layout import OutputLayout
 
 FIRST_SHARD_RATIO_TARGET = 1.3  # long list's first commit over the short list's
@@ -72,9 +79,10 @@ def _first_shard(settings: StreamSettings, models: Any, rows: int) -> dict[str, 
     site, url_list = bench_site(rows, request_s=settings.request_s)
     try:
         spec = bench_spec(root, url_list, models, IMAGE_SIZE, settings.batch_size, settings.first_shard_size)
-        with _DiskWatch(root / "output") as disk:
+        spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, keep_downloads=False))
+        with _DiskWatch(OutputLayout(spec.output.path).downloads.path) as raw:
             run = run_watched(spec, root / "job.yaml")
-        return {**_figures(run, spec.output.path), "peak_disk_mb": disk.peak_mb()}
+        return {**_figures(run, spec.output.path), "peak_raw_mb": raw.peak_mb()}
     finally:
         site.stop()
 
@@ -92,7 +100,9 @@ def _overlap(settings: StreamSettings, models: Any) -> dict[str, Any]:
         layout.shards.rmtree()  # caption/filter alone: the same job again, over its own downloads
         layout.manifest.unlink()
         alone = run_watched(spec, root / "job-again.yaml")
+        before = psutil.cpu_times()
         download = round(plain_download_s(spec, root / "plain-img2dataset"), 3)
+        download_busy = busy_share(before, psutil.cpu_times())
     finally:
         site.stop()
     stream, capfilt = both.timings["caption_filter_s"], alone.timings["caption_filter_s"]
@@ -105,6 +115,13 @@ def _overlap(settings: StreamSettings, models: Any) -> dict[str, Any]:
         "ratio_to_slower_half": round(stream / slower, 3),
         # 1: the faster half was hidden entirely behind the slower; 0: the halves took turns.
         "overlap_fraction": round((download + capfilt - stream) / faster, 3),
+        # The machine's CPU busy share in each: where both halves need the same cores, end to end
+        # cannot beat the sum of their CPU work over the cores, whatever the overlap.
+        "cpu_busy": {
+            "end_to_end": round(both.peaks.cpu_busy, 3),
+            "download_alone": round(download_busy, 3),
+            "caption_filter_alone": round(alone.peaks.cpu_busy, 3),
+        },
         "end_to_end": _figures(both, spec.output.path),
         "peak_disk_mb": disk.peak_mb(),
     }
@@ -120,6 +137,7 @@ def _figures(run: JobRun, output: str) -> dict[str, Any]:
         "wall_s": round(run.wall_s, 2),
         "first_commit_s": round(first, 2),
         "driver_peak_mb": run.peaks.memory_mb()["driver_mb"],
+        "cpu_busy": round(run.peaks.cpu_busy, 3),
         "timings": run.timings,
     }
 
@@ -127,8 +145,8 @@ def _figures(run: JobRun, output: str) -> dict[str, Any]:
 class _DiskWatch:
     """The most bytes under a directory, sampled every half second while the `with` runs."""
 
-    def __init__(self, root: Path, interval: float = 0.5) -> None:
-        self.root, self.interval, self.peak = root, interval, 0
+    def __init__(self, root: str | Path, interval: float = 0.5) -> None:
+        self.root, self.interval, self.peak = Path(root), interval, 0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -168,12 +186,12 @@ def format_stream_report(report: dict[str, Any]) -> str:
     short, long = (f[str(r)] for r in report["settings"]["first_rows"])
     lines = [
         f"machine: {m['cpu']}, {m['cores']} cores, {m['gpu']}; torch {m['torch']}; {report['date']}",
-        "first committed shard (s from `capfilt run`), run wall (s), driver peak MB, disk peak MB:",
+        "first committed shard (s from `capfilt run`), run wall (s), driver peak MB, raw shards' peak MB:",
     ]
     for run in (short, long):
         lines.append(
             f"  {run['rows']:>6} rows ({run['shards']} shards): first {run['first_commit_s']:>6} of "
-            f"{run['wall_s']:>7}; driver {run['driver_peak_mb']} MB; disk {run['peak_disk_mb']} MB"
+            f"{run['wall_s']:>7}; driver {run['driver_peak_mb']} MB; raw {run['peak_raw_mb']} MB"
         )
     lines += [
         f"  long / short first commit: {f['ratio']:.3f} (target <= {FIRST_SHARD_RATIO_TARGET}); "
@@ -183,6 +201,8 @@ def format_stream_report(report: dict[str, Any]) -> str:
         f"download alone {o['download_alone_s']} s, caption/filter alone {o['caption_filter_alone_s']} s",
         f"  end to end / slower half: {o['ratio_to_slower_half']:.3f} (target <= {OVERLAP_TARGET}); "
         f"overlap fraction {o['overlap_fraction']:.2f}; driver {o['end_to_end']['driver_peak_mb']} MB; "
-        f"disk peak {o['peak_disk_mb']} MB",
+        f"output peak {o['peak_disk_mb']} MB (downloads kept)",
+        "  machine CPU busy: end to end {end_to_end:.0%}, download alone {download_alone:.0%}, "
+        "caption/filter alone {caption_filter_alone:.0%}".format(**o["cpu_busy"]),
     ]
     return "\n".join(lines)

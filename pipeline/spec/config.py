@@ -132,6 +132,7 @@ class ResourcesSpec:
 class OutputSpec:
     path: str
     shard_size: int = 10000
+    keep_downloads: bool = True  # False: a raw shard's tar and Parquet go once its output is committed
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,10 @@ class OutputLayout:
     def raw_stats(self, shard: str) -> Location:
         return self.downloads / f"{shard}_stats.json"
 
+    def raw_images_and_rows(self, shard: str) -> list[Location]:
+        """What `output.keep_downloads: false` deletes once the shard is committed (not its stats)."""
+        return [self.raw_tar(shard), self.raw_parquet(shard)]
+
     def shard_tar(self, shard: str) -> Location:
         return self.shards / f"{shard}.tar"
 
