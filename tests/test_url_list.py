@@ -264,7 +264,7 @@ def test_a_million_rows_are_prepared_in_order_in_flat_memory(tmp_path, capsys):
 
 @pytest.mark.parametrize("group", [7, 16, 1000])
 def test_an_input_shard_is_its_rows_of_the_prepared_list_whatever_the_row_groups(tmp_path, group):
-    table = pa.table({"url": [f"http://h/{i}" for i in range(50)]})
+    table = pa.table({"url": [f"http://127.0.0.1:9/{i}.jpg" for i in range(50)]})
     pq.write_table(table, tmp_path / "prepared.parquet", row_group_size=group)
     prepared = Location.of(tmp_path / "prepared.parquet")
     for start, count in [(0, 16), (16, 16), (48, 16), (32, 16), (0, 50), (50, 16)]:

@@ -64,10 +64,13 @@ def read_batches(spec: InputSpec) -> Iterator[pa.RecordBatch]:
     """The URL list, part after part, as record batches of strings, streamed: `url`, `caption` (null
     without a caption column) and each extra column under its prepared name. Bytes that are not UTF-8
     become U+FFFD. A part that lacks a named column is refused when its turn comes, naming it."""
+    return _read_parts(spec, *_list_files(spec))
+
+
+def _read_parts(spec: InputSpec, parts: list[Location], fmt: str) -> Iterator[pa.RecordBatch]:
     captions = [spec.caption_col] if spec.caption_col else []
     wanted = list(dict.fromkeys([spec.url_col, *captions, *spec.extra_columns]))
     names = ["url", "caption", *map(extra_column, spec.extra_columns)]
-    parts, fmt = _list_files(spec)
     for part in parts:
         try:
             if part != parts[0]:
@@ -121,7 +124,8 @@ def prepare(spec: InputSpec, policy: NetworkPolicy, out: Location, fingerprint: 
     img2dataset would otherwise resume the old downloads as if they were the new job's.
     The count of repeated URLs goes into the file's metadata (`duplicate_urls` reads it back).
     """
-    identity = f"{fingerprint}:{_source_identity(spec)}".encode()
+    parts, fmt = _list_files(spec)  # one listing for the identity and the reading
+    identity = f"{fingerprint}:{_source_identity(parts)}".encode()
     if out.exists():
         existing = parquet_file(out)
         if (existing.schema_arrow.metadata or {}).get(FINGERPRINT_KEY) == identity:
@@ -134,7 +138,7 @@ def prepare(spec: InputSpec, policy: NetworkPolicy, out: Location, fingerprint: 
     schema = prepared_schema(spec).with_metadata({FINGERPRINT_KEY: identity})
     rows = 0
     with DuplicateCounter() as repeats, out.writing() as stream, pq.ParquetWriter(stream, schema) as writer:
-        for batch in read_batches(spec):
+        for batch in _read_parts(spec, parts, fmt):
             urls = batch.column("url").to_pylist()
             writer.write_batch(_prepared(batch, urls, policy, schema))
             repeats.add(urls)
@@ -185,10 +189,9 @@ def _prepared(
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def _source_identity(spec: InputSpec) -> str:
+def _source_identity(parts: list[Location]) -> str:
     """Name, size and version (local: mtime; object store: ETag) of each of the URL list's files: an
     edited, added or removed part is a different input. (One part alone keeps its earlier identity.)"""
-    parts, _ = _list_files(spec)
     if len(parts) == 1:
         return parts[0].identity()
     return hashlib.sha256("\n".join(f"{p.path}:{p.identity()}" for p in parts).encode()).hexdigest()

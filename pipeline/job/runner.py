@@ -20,6 +20,7 @@ shards already downloaded are not fetched again, so a re-run resumes wherever th
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections import defaultdict
@@ -185,14 +186,15 @@ def _stream(
         )  # Ray Data places the actors with SPREAD: one lost node costs few of them (tested)
     )
 
+    # By chunk number: should Ray ever deliver a retried chunk twice, it counts once.
+    arrived: dict[str, dict[int, Chunk]] = defaultdict(dict)
+
     def fail(name: str, reason: str) -> None:
         outcome.errors[name] = reason
         log(f"capfilt: shard {name} failed: {reason}")
         arrived.pop(name, None)
         slots.release.remote(name)
 
-    # By chunk number: should Ray ever deliver a retried chunk twice, it counts once.
-    arrived: dict[str, dict[int, Chunk]] = defaultdict(dict)
     try:
         for row in ds.iter_rows():
             chunk, name = dict(row), row["shard"]
@@ -286,7 +288,7 @@ class _DownloadWithDeadline:
         begun = time.perf_counter()
         result = {"shard": shard, "download_error": "", "download_s": 0.0, "downloaded_at": 0.0}
         if not self.download.done(shard):
-            attempt_task = ray.remote(num_cpus=self.download.resources.cpus, max_retries=0)(_download_attempt)
+            attempt_task = _attempt_task(self.download.resources.cpus)
             reason = ""
             for attempt in range(1, self.plan.attempts + 1):
                 ref = attempt_task.remote(self.download, shard)
@@ -307,6 +309,15 @@ class _DownloadWithDeadline:
         result["download_s"] = time.perf_counter() - begun
         result["downloaded_at"] = time.time()
         return result
+
+
+@functools.cache
+def _attempt_task(cpus: float) -> Any:
+    """The Ray task of one download attempt, made once per worker (not once per shard); never retried
+    by Ray, since the deadline loop decides."""
+    import ray
+
+    return ray.remote(num_cpus=cpus, max_retries=0)(_download_attempt)
 
 
 def _download_attempt(download: ShardDownload, shard: str) -> None:

@@ -23,7 +23,6 @@ FORMATS = ("parquet", "csv", "tsv", "jsonl")
 _EXTENSIONS = {"parquet": "parquet", "csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "ndjson": "jsonl"}
 _COMPRESSION = ("gz", "bz2", "xz", "zst", "zstd", "lz4")  # fsspec decompresses these by name
 _GLOB = "*?["
-_SHOWN = 3  # parts named in a message
 
 
 class ListFilesError(ValueError):
@@ -88,9 +87,3 @@ def _parts(url_list: str) -> list[Location]:
     if not parts:
         raise ListFilesError(f"input.url_list: {printable(url_list)} {what}")
     return parts
-
-
-def shown(parts: list[Location]) -> str:
-    """The parts for a message: the first few and how many more."""
-    names = ", ".join(printable(p) for p in parts[:_SHOWN])
-    return names + (f" and {len(parts) - _SHOWN} more" if len(parts) > _SHOWN else "")
