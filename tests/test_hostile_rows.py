@@ -390,7 +390,12 @@ def test_retry_failed_keeps_the_extra_columns_of_the_rows_it_retries(tmp_path, w
     }
     pq.write_table(pa.table(table), tmp_path / "urls.parquet")  # make_spec's URL list
     spec = make_spec(
-        tmp_path, [], tiny_models, input={"extra_columns": ["source"]}, filter={"threshold": 0.0}
+        tmp_path,
+        [],
+        tiny_models,
+        input={"extra_columns": ["source"]},
+        filter={"threshold": 0.0},
+        output={"keep_downloads": True},
     )
     first = run_job(spec, log=lambda _: None)
     assert first.manifest["counts"][Fate.DOWNLOAD_FAILED] == 1 and first.manifest["duplicate_urls"] == 1

@@ -78,7 +78,8 @@ def jobs(tmp_path_factory, web, tiny_models):
     rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:20]
     rows += [(site.url("/s3/missing.jpg"), "gone"), ("ftp://127.0.0.1/x.jpg", "blocked")]
     tmp = tmp_path_factory.mktemp("s3job")
-    local = make_spec(tmp, rows, tiny_models, out="local", output={"shard_size": 8})
+    keep = {"shard_size": 8, "keep_downloads": True}  # rethreshold and retry-failed run on both
+    local = make_spec(tmp, rows, tiny_models, out="local", output=keep)
     bucket = new_bucket()
     url_list = upload(tmp / "urls.parquet", f"s3://{bucket}/lists/urls.parquet")
     remote = s3_spec(local, url_list, f"s3://{bucket}/job")
@@ -207,7 +208,7 @@ def test_retry_failed_on_s3_folds_the_rows_in(tmp_path, web, tiny_models, capsys
     site.add("/s3/flaky.jpg", Route(status=503))
     good = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:3]
     rows = [*good, (site.url("/s3/flaky.jpg"), "flaky")]
-    local = make_spec(tmp_path, rows, tiny_models, output={"shard_size": 2})
+    local = make_spec(tmp_path, rows, tiny_models, output={"shard_size": 2, "keep_downloads": True})
     bucket = new_bucket()
     remote = s3_spec(
         local, upload(tmp_path / "urls.parquet", f"s3://{bucket}/urls.parquet"), f"s3://{bucket}/job"

@@ -68,17 +68,20 @@ def test_bench_perf_runs_the_job_and_its_baselines_and_writes_every_figure(tmp_p
     assert pipeline["rows"] == 100 and pipeline["wall_s"] > 0
     assert pipeline["caption_filter_images_per_s"] > 0 and 0 < pipeline["actor_busy"] <= 1
     assert set(pipeline["per_worker_per_s"]) == {"download", "preprocess", "caption", "itm", "write"}
-    assert report["ray_tax"] == round(
-        pipeline["caption_filter_images_per_s"] / report["bare_loop_images_per_s"], 3
-    )
+    bare = report["bare_loop_images_per_s"]
+    assert report["ray_tax"] == round(report["caption_filter_alone"]["images_per_s"] / bare, 3)
+    assert report["ray_tax_streaming"] == round(pipeline["caption_filter_images_per_s"] / bare, 3)
     assert report["download_ratio"] == round(
         report["download"]["img2dataset_s"] / report["download"]["capfilt_s"], 3
     )
     assert list(report["peak_rss_mb"]) == ["100"] and report["peak_rss_mb"]["100"]["driver_mb"] > 50
+    assert list(report["peak_disk_mb"]) == ["100"] and report["peak_disk_mb"]["100"]["output"] > 0
     [cost] = report["model_cost"]
     assert cost["architecture"] == "tiny" and cost["ratio"] > 0
-    # The runs it reports on: a complete job, and plain img2dataset's own shards of the same list.
-    manifest = json.loads((tmp_path / "work" / "rows-100" / "output" / "manifest.json").read_text())
+    # The runs it reports on: a complete job, run again over plain img2dataset's shards of the same
+    # list (its own were deleted as it committed them).
+    output = tmp_path / "work" / "rows-100" / "output"
+    manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["complete"] and manifest["input_rows"] == 100
-    assert list((tmp_path / "work" / "rows-100" / "plain-img2dataset").glob("*.tar"))
+    assert [p.name for p in (output / "downloads").glob("*.tar")] == ["00000.tar"]
     assert "ray tax" in capsys.readouterr().out

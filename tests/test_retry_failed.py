@@ -39,7 +39,9 @@ def test_rows_that_failed_and_work_now_are_folded_in(tmp_path, web, tiny_models,
         *good[6:],
         (site.url("/flaky/2.jpg"), "flaky two"),
     ]
-    spec = make_spec(tmp_path, rows, tiny_models, output={"shard_size": 3})  # 4 failed rows: 2 retry shards
+    spec = make_spec(
+        tmp_path, rows, tiny_models, output={"shard_size": 3, "keep_downloads": True}
+    )  # 4 failed: 2 retry shards
     first = run_job(spec, log=lambda _: None)
     layout = first.layout
     before = {r["key"]: r for r in read_records(layout)}
@@ -114,7 +116,7 @@ def test_an_interrupted_retry_leaves_unfinished_shards_that_a_run_finishes(
     good = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:5]
     # shard 00000: a refused connection and 3 pictures; shard 00001: 2 pictures and the late one
     rows = [("http://127.0.0.1:9/refused.jpg", "no server"), *good, (site.url("/flaky/late.jpg"), "late")]
-    spec = make_spec(tmp_path, rows, tiny_models, output={"shard_size": 4})
+    spec = make_spec(tmp_path, rows, tiny_models, output={"shard_size": 4, "keep_downloads": True})
     layout = run_job(spec, log=lambda _: None).layout
     site.add("/flaky/late.jpg", Route(body=body, headers=(("Content-Type", "image/jpeg"),)))
 

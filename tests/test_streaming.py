@@ -124,7 +124,8 @@ def test_a_job_killed_between_download_and_commit_resumes_to_the_clean_output(
     tmp_path, shard_site, tiny_models
 ):
     rows = [(shard_site.url(f"/s{i:03d}.jpg"), f"row {i}") for i in range(12)]
-    spec = shard_job(tmp_path, rows, tiny_models)
+    # Downloads kept, so that taking commits away below leaves what a kill before them leaves.
+    spec = shard_job(tmp_path, rows, tiny_models, output={"shard_size": SHARD, "keep_downloads": True})
     first = run_job(spec, log=lambda _: None)
     layout = first.layout
     # The state a kill leaves: shard 1 downloaded but not committed (a commit's files may be partly
@@ -148,11 +149,14 @@ def test_a_job_killed_between_download_and_commit_resumes_to_the_clean_output(
         )
 
 
-def test_without_keep_downloads_a_committed_shard_leaves_no_raw_images(tmp_path, shard_site, tiny_models):
-    rows = [(shard_site.url(f"/s{i:03d}.jpg"), f"row {i}") for i in range(12)]
-    spec = shard_job(tmp_path, rows, tiny_models, output={"shard_size": SHARD, "keep_downloads": False})
+def test_by_default_a_committed_shard_leaves_no_raw_images(tmp_path, shard_site, tiny_models, capsys):
+    refused = ("http://127.0.0.1:9/refused.jpg", "no server")  # a failed row, for retry-failed
+    rows = [(shard_site.url(f"/s{i:03d}.jpg"), f"row {i}") for i in range(11)] + [refused]
+    spec = shard_job(tmp_path, rows, tiny_models)
     result = run_job(spec, log=lambda _: None)
-    kept = run_job(shard_job(tmp_path, rows, tiny_models, out="kept"), log=lambda _: None)
+    keep = {"shard_size": SHARD, "keep_downloads": True}
+    kept = run_job(shard_job(tmp_path, rows, tiny_models, out="kept", output=keep), log=lambda _: None)
+    assert sorted(p.name for p in kept.layout.downloads.glob("*.tar")) == [f"0000{i}.tar" for i in range(3)]
     layout = result.layout
     assert result.complete and result.manifest["counts"] == kept.manifest["counts"]
     assert sorted(p.name for p in layout.downloads.iterdir()) == [f"0000{i}_stats.json" for i in range(3)]
@@ -163,8 +167,9 @@ def test_without_keep_downloads_a_committed_shard_leaves_no_raw_images(tmp_path,
     rethreshold = ["rethreshold", str(layout.root), "--threshold", "0.6", "--out", str(tmp_path / "t")]
     for command in (rethreshold, ["retry-failed", str(layout.root)]):
         assert main(command) == 2
+        assert "output.keep_downloads: true" in capsys.readouterr().err
     # A commit made stale (a new threshold) downloads its shard again, since its images are gone.
     hits = shard_site.total_hits
     stricter = dataclasses.replace(spec, filter=dataclasses.replace(spec.filter, threshold=0.6))
     again = run_job(stricter, log=lambda _: None)
-    assert again.complete and shard_site.total_hits == hits + 12
+    assert again.complete and shard_site.total_hits == hits + 11

@@ -69,13 +69,19 @@ def retry_failed(output: JobOutput, address: str | None = None, log: Log = print
     neither."""
     with lock_output(output.layout.root, log=log):
         shards = output.require_complete("retry its failed downloads")
-        output.require_downloads(shards, "retry-failed (it patches the retried rows into them)")
         spec = output.spec
         work = output.layout.root / RETRY_DIR
         work.rmtree()
         work.mkdir()
         plan = _write_failed_list(output, shards, work / "urls.parquet")
         retried = sum(n for _, n in plan)
+        try:  # only the shards that get rows back need their raw downloads
+            output.require_downloads(
+                [shard for shard, _ in plan], "retry-failed (it patches the retried rows into them)"
+            )
+        except OutputError:
+            work.rmtree()
+            raise
         fates = count_fates([])
         if retried:
             log(f"capfilt: retrying {retried} rows whose download failed")
@@ -134,7 +140,8 @@ def _run_retry_job(
             caption_col="caption",
             extra_columns=spec.input.extra_columns,
         ),
-        output=OutputSpec(path=(work / "output").uri, shard_size=spec.output.shard_size),
+        # Kept: the retried rows' images are patched from its raw shards into OUT's.
+        output=OutputSpec(path=(work / "output").uri, shard_size=spec.output.shard_size, keep_downloads=True),
     )
     result = run_job(retry_spec, address=address, log=log)
     if not result.complete:

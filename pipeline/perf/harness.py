@@ -3,11 +3,16 @@
 1. End to end and per stage: `capfilt run` on N generated URLs served on 127.0.0.1, with the tiny
    models; the job's manifest says where its time went (`pipeline.core.timings`).
 2. Ray tax: the pipeline's caption/filter rate once its actor is ready, over the rate of the same
-   stage in a bare loop over the same decoded batches (`bare_loop`).
+   stage in a bare loop over the same decoded batches (`bare_loop`). Taken as it was before the
+   stream, over downloads already on disk: the job is run again over plain img2dataset's shards of
+   the same list (3.), which are what its own download writes, so that the rate is the pipeline's
+   and not the downloads' that share its cores. The stream's own rate over the same loop is
+   reported beside it.
 3. Download: plain img2dataset alone on the same list (`plain_download`) over the moment the job's
    stream had its last shard on disk, the models working beside the downloads.
-4. Memory: peak RSS of the driver and the workers at each row count; a pipeline that streams keeps
-   them flat.
+4. Memory and disk: peak RSS of the driver and the workers, and the peak bytes of raw shards under
+   `downloads/` and of the whole output, at each row count; a pipeline that streams keeps memory
+   flat and the raw shards bounded by the shards in flight (they are deleted once committed).
 5. Model cost: the CapFilt actor over the plain Hugging Face loop at BLIP-base and -large sizes
    (`model_cost`).
 """
@@ -27,10 +32,13 @@ from pipeline.core.timings import actor_busy, steady_images_per_s
 from pipeline.curate.tiny_models import IMAGE_SIZE, write_tiny_models
 from pipeline.perf.bare_loop import bare_images_per_s, decoded_chunks
 from pipeline.perf.bench_web import bench_site, bench_spec
-from pipeline.perf.job_run import JobRun, run_watched
+from pipeline.perf.disk_watch import DiskWatch
+from pipeline.perf.job_run import JobRun, rerun_over_downloads, run_watched
 from pipeline.perf.model_cost import compare
 from pipeline.perf.plain_download import plain_download_s
 from pipeline.perf.process_watch import cores
+from pipeline.spec.config import JobSpec
+from pipeline.spec.layout import OutputLayout
 
 BARE_LOOP_IMAGES = 4000  # enough for a steady rate; all of them are held decoded in memory
 RAY_TAX_TARGET = 0.9
@@ -58,6 +66,7 @@ def run_perf(settings: PerfSettings, log: Any = print) -> dict[str, Any]:
         "settings": _settings(settings),
         "peak_rss_mb": {},
     }
+    report["peak_disk_mb"] = {}
     largest = max(settings.rows)
     for rows in sorted(settings.rows):
         root = settings.work / f"rows-{rows}"
@@ -66,21 +75,14 @@ def run_perf(settings: PerfSettings, log: Any = print) -> dict[str, Any]:
         try:
             spec = bench_spec(root, url_list, models, IMAGE_SIZE, settings.batch_size)
             log(f"perf: capfilt run on {rows} rows ...")
-            run = run_watched(spec, root / "job.yaml")
+            layout = OutputLayout(spec.output.path)
+            with DiskWatch(layout.downloads.path) as raw, DiskWatch(layout.root.path) as output:
+                run = run_watched(spec, root / "job.yaml")
             report["peak_rss_mb"][str(rows)] = run.peaks.memory_mb()
+            report["peak_disk_mb"][str(rows)] = {"raw_shards": raw.peak_mb(), "output": output.peak_mb()}
             if rows == largest:
                 report["pipeline"] = pipeline_figures(run, rows)
-                log("perf: plain img2dataset on the same list ...")
-                # Ratios are taken of the rounded figures, so that they agree with what is reported.
-                plain = round(plain_download_s(spec, root / "plain-img2dataset"), 3)
-                capfilt = run.timings["download_s"]
-                report["download"] = {"capfilt_s": capfilt, "img2dataset_s": plain}
-                report["download_ratio"] = round(plain / capfilt, 3) if capfilt > 0 else 0.0
-                log("perf: bare loop over the same decoded batches ...")
-                bare = round(bare_images_per_s(spec, decoded_chunks(spec, BARE_LOOP_IMAGES)), 1)
-                steady = report["pipeline"]["caption_filter_images_per_s"]
-                report["bare_loop_images_per_s"] = bare
-                report["ray_tax"] = round(steady / bare, 3) if bare > 0 else 0.0
+                report.update(_baselines(spec, run, root, log))
         finally:
             site.stop()
     report["memory_spread"] = memory_spread(report["peak_rss_mb"])
@@ -98,6 +100,36 @@ def run_perf(settings: PerfSettings, log: Any = print) -> dict[str, Any]:
             )
         )
     return report
+
+
+def _baselines(spec: JobSpec, run: JobRun, root: Path, log: Any) -> dict[str, Any]:
+    """Plain img2dataset on the job's list, the job's caption/filter alone over those downloads, and
+    the bare loop over the same decoded batches."""
+    log("perf: plain img2dataset on the same list ...")
+    # Ratios are taken of the rounded figures, so that they agree with what is reported.
+    plain = round(plain_download_s(spec, root / "plain-img2dataset"), 3)
+    capfilt = run.timings["download_s"]
+    log("perf: caption/filter alone, over those downloads ...")
+    layout = OutputLayout(spec.output.path)
+    layout.downloads.rmtree()  # the job's own, deleted as it committed (only their stats are left)
+    (root / "plain-img2dataset").rename(layout.downloads.path)
+    alone = rerun_over_downloads(spec, root / "job-alone.yaml")
+    log("perf: bare loop over the same decoded batches ...")
+    bare = round(bare_images_per_s(spec, decoded_chunks(spec, BARE_LOOP_IMAGES)), 1)
+    over_downloads = round(steady_images_per_s(alone.timings), 1)
+    streaming = round(steady_images_per_s(run.timings), 1)
+    return {
+        "download": {"capfilt_s": capfilt, "img2dataset_s": plain},
+        "download_ratio": round(plain / capfilt, 3) if capfilt > 0 else 0.0,
+        "bare_loop_images_per_s": bare,
+        "caption_filter_alone": {
+            "images_per_s": over_downloads,
+            "actor_busy": round(actor_busy(alone.timings, len(alone.manifest["actors"])), 3),
+            "cpu_busy": round(alone.peaks.cpu_busy, 3),
+        },
+        "ray_tax": round(over_downloads / bare, 3) if bare > 0 else 0.0,
+        "ray_tax_streaming": round(streaming / bare, 3) if bare > 0 else 0.0,
+    }
 
 
 def pipeline_figures(run: JobRun, rows: int) -> dict[str, Any]:
@@ -177,7 +209,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [
         f"  CapFilt actor busy    {p['actor_busy']:>8.0%}   machine CPU busy {p['cpu_busy']:.0%}",
         f"ray tax (pipeline / bare loop): {report['ray_tax']:.3f}  "
-        f"(bare loop {report['bare_loop_images_per_s']} images/s; target >= {RAY_TAX_TARGET})",
+        f"({report['caption_filter_alone']['images_per_s']} images/s over downloads on disk, bare loop "
+        f"{report['bare_loop_images_per_s']}; target >= {RAY_TAX_TARGET}); the stream beside its "
+        f"downloads {report['ray_tax_streaming']:.3f}",
         f"download (capfilt / plain img2dataset): {report['download_ratio']:.3f}  "
         f"({report['download']['capfilt_s']} s vs {report['download']['img2dataset_s']} s; "
         f"target >= {DOWNLOAD_RATIO_TARGET})",
@@ -193,6 +227,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"  spread over row counts: driver {spread['driver_mb']:+.0%}, worker {spread['worker_mb']:+.0%} "
         f"(target within {MEMORY_SPREAD_TARGET:.0%})"
     )
+    lines.append("peak disk (MB)     raw shards under downloads/   whole output")
+    for rows, disk in report["peak_disk_mb"].items():
+        lines.append(f"  {rows:>7} rows       {disk['raw_shards']:>26} {disk['output']:>14}")
     for cost in report["model_cost"]:
         lines.append(
             f"model cost, {cost['architecture']} on {cost['device']} (batch {cost['batch']}): capfilt "

@@ -50,3 +50,12 @@ def run_watched(spec: JobSpec, job_file: Path) -> JobRun:
         raise RuntimeError(f"capfilt run {job_file} exited {code}:\n" + "\n".join(text.splitlines()[-30:]))
     manifest = OutputLayout(spec.output.path).manifest.read_json()
     return JobRun(wall, started_at, manifest, watch.peaks, text)
+
+
+def rerun_over_downloads(spec: JobSpec, job_file: Path) -> JobRun:
+    """Caption/filter alone: the same job run again over its own downloads (kept), its committed
+    shards and manifest removed, so that every shard is scored and written with nothing to fetch."""
+    layout = OutputLayout(spec.output.path)
+    layout.shards.rmtree()
+    layout.manifest.unlink()
+    return run_watched(spec, job_file)

@@ -8,20 +8,18 @@
    (the same job run again over its own downloads, its shards removed). End to end within 1.15x of
    the slower half means they overlap; the sum would mean they take turns.
 3. Memory and disk: the driver's peak RSS at each size; the peak bytes of raw shards under
-   `downloads/` in the first-shard runs (`output.keep_downloads: false`: a raw shard goes once
-   committed, so the peak follows the shards in flight, not the list), and under the whole output
-   in the overlap run (downloads kept, for its second half).
+   `downloads/` in the first-shard runs (a raw shard goes once committed, so the peak follows the
+   shards in flight, not the list), and under the whole output in the overlap run (which runs with
+   `output.keep_downloads: true`, for its second half).
 
 Each job runs as `capfilt run` in a child process (`job_run`), with the tiny models and one actor.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +29,9 @@ import psutil
 
 from pipeline.curate.tiny_models import IMAGE_SIZE, write_tiny_models
 from pipeline.perf.bench_web import bench_site, bench_spec
+from pipeline.perf.disk_watch import DiskWatch
 from pipeline.perf.harness import machine
-from pipeline.perf.job_run import JobRun, run_watched
+from pipeline.perf.job_run import JobRun, rerun_over_downloads, run_watched
 from pipeline.perf.plain_download import plain_download_s
 from pipeline.perf.process_watch import busy_share
 from pipeline.spec.layout import OutputLayout
@@ -79,8 +78,7 @@ def _first_shard(settings: StreamSettings, models: Any, rows: int) -> dict[str, 
     site, url_list = bench_site(rows, request_s=settings.request_s)
     try:
         spec = bench_spec(root, url_list, models, IMAGE_SIZE, settings.batch_size, settings.first_shard_size)
-        spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, keep_downloads=False))
-        with _DiskWatch(OutputLayout(spec.output.path).downloads.path) as raw:
+        with DiskWatch(OutputLayout(spec.output.path).downloads.path) as raw:
             run = run_watched(spec, root / "job.yaml")
         return {**_figures(run, spec.output.path), "peak_raw_mb": raw.peak_mb()}
     finally:
@@ -94,12 +92,11 @@ def _overlap(settings: StreamSettings, models: Any) -> dict[str, Any]:
     try:
         shard_size = settings.overlap_shard_size
         spec = bench_spec(root, url_list, models, IMAGE_SIZE, settings.batch_size, shard_size)
-        with _DiskWatch(root / "output") as disk:
+        # Kept, for caption/filter alone over them below.
+        spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, keep_downloads=True))
+        with DiskWatch(root / "output") as disk:
             both = run_watched(spec, root / "job.yaml")
-        layout = OutputLayout(spec.output.path)
-        layout.shards.rmtree()  # caption/filter alone: the same job again, over its own downloads
-        layout.manifest.unlink()
-        alone = run_watched(spec, root / "job-again.yaml")
+        alone = rerun_over_downloads(spec, root / "job-again.yaml")
         before = psutil.cpu_times()
         download = round(plain_download_s(spec, root / "plain-img2dataset"), 3)
         download_busy = busy_share(before, psutil.cpu_times())
@@ -140,40 +137,6 @@ def _figures(run: JobRun, output: str) -> dict[str, Any]:
         "cpu_busy": round(run.peaks.cpu_busy, 3),
         "timings": run.timings,
     }
-
-
-class _DiskWatch:
-    """The most bytes under a directory, sampled every half second while the `with` runs."""
-
-    def __init__(self, root: str | Path, interval: float = 0.5) -> None:
-        self.root, self.interval, self.peak = Path(root), interval, 0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _DiskWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def peak_mb(self) -> float:
-        return round(self.peak / 2**20, 1)
-
-    def _run(self) -> None:
-        while not self._done.wait(self.interval):
-            self.peak = max(self.peak, _bytes_under(self.root))
-        self.peak = max(self.peak, _bytes_under(self.root))
-
-
-def _bytes_under(root: Path) -> int:
-    total = 0
-    for folder, _, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):  # renamed or removed between the listing and the stat
-                total += os.stat(os.path.join(folder, name)).st_size
-    return total
 
 
 def _settings(settings: StreamSettings) -> dict[str, Any]:

@@ -132,7 +132,7 @@ class ResourcesSpec:
 class OutputSpec:
     path: str
     shard_size: int = 10000
-    keep_downloads: bool = True  # False: a raw shard's tar and Parquet go once its output is committed
+    keep_downloads: bool = False  # True: raw shards stay after their commit, for retry-failed and rethreshold
 
 
 @dataclass(frozen=True)
