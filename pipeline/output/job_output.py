@@ -112,7 +112,7 @@ class JobOutput:
         """Every shard's raw download (tar and rows) is there: `command` reads the images of rows
         the output does not hold. From one listing of `downloads/`."""
         present = {p.name for p in self.layout.downloads.files()} if self.layout.downloads.is_dir() else set()
-        missing = [s for s in shards if not {f"{s}.tar", f"{s}.parquet"} <= present]
+        missing = [s for s in shards if not {p.name for p in self.layout.raw_images_and_rows(s)} <= present]
         if missing:
             raise OutputError(
                 f"{self.layout.downloads}: the raw downloads of {len(missing)} of {len(shards)} shards are "

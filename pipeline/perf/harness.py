@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import platform
 import shutil
 import time
@@ -114,8 +113,7 @@ def _baselines(spec: JobSpec, run: JobRun, root: Path, log: Any) -> dict[str, An
     layout = OutputLayout(spec.output.path)
     layout.downloads.rmtree()  # the job's own, deleted as it committed (only their stats are left)
     (root / "plain-img2dataset").rename(layout.downloads.path)
-    kept = dataclasses.replace(spec, output=dataclasses.replace(spec.output, keep_downloads=True))
-    alone = rerun_over_downloads(kept, root / "job-alone.yaml")  # kept: the bare loop reads them next
+    alone = rerun_over_downloads(spec, root / "job-alone.yaml")
     log("perf: bare loop over the same decoded batches ...")
     bare = round(bare_images_per_s(spec, decoded_chunks(spec, BARE_LOOP_IMAGES)), 1)
     over_downloads = round(steady_images_per_s(alone.timings), 1)

@@ -6,6 +6,7 @@ decoded batches), and the local Ray it starts is its own.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -52,10 +53,16 @@ def run_watched(spec: JobSpec, job_file: Path) -> JobRun:
     return JobRun(wall, started_at, manifest, watch.peaks, text)
 
 
+def keeping_downloads(spec: JobSpec) -> JobSpec:
+    """The job with `output.keep_downloads: true`: its raw shards stay for a run over them after it."""
+    return dataclasses.replace(spec, output=dataclasses.replace(spec.output, keep_downloads=True))
+
+
 def rerun_over_downloads(spec: JobSpec, job_file: Path) -> JobRun:
-    """Caption/filter alone: the same job run again over its own downloads (kept), its committed
-    shards and manifest removed, so that every shard is scored and written with nothing to fetch."""
+    """Caption/filter alone: the same job run again over the raw shards under its `downloads/`, its
+    committed shards and manifest removed, so that every shard is scored and written with nothing to
+    fetch. The raw shards are kept, for whatever reads them next."""
     layout = OutputLayout(spec.output.path)
     layout.shards.rmtree()
     layout.manifest.unlink()
-    return run_watched(spec, job_file)
+    return run_watched(keeping_downloads(spec), job_file)

@@ -17,7 +17,6 @@ Each job runs as `capfilt run` in a child process (`job_run`), with the tiny mod
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time
@@ -31,7 +30,7 @@ from pipeline.curate.tiny_models import IMAGE_SIZE, write_tiny_models
 from pipeline.perf.bench_web import bench_site, bench_spec
 from pipeline.perf.disk_watch import DiskWatch
 from pipeline.perf.harness import machine
-from pipeline.perf.job_run import JobRun, rerun_over_downloads, run_watched
+from pipeline.perf.job_run import JobRun, keeping_downloads, rerun_over_downloads, run_watched
 from pipeline.perf.plain_download import plain_download_s
 from pipeline.perf.process_watch import busy_share
 from pipeline.spec.layout import OutputLayout
@@ -92,8 +91,7 @@ def _overlap(settings: StreamSettings, models: Any) -> dict[str, Any]:
     try:
         shard_size = settings.overlap_shard_size
         spec = bench_spec(root, url_list, models, IMAGE_SIZE, settings.batch_size, shard_size)
-        # Kept, for caption/filter alone over them below.
-        spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, keep_downloads=True))
+        spec = keeping_downloads(spec)  # for caption/filter alone over them below
         with DiskWatch(root / "output") as disk:
             both = run_watched(spec, root / "job.yaml")
         alone = rerun_over_downloads(spec, root / "job-again.yaml")

@@ -59,7 +59,8 @@ class OutputLayout:
         return self.downloads / f"{shard}_stats.json"
 
     def raw_images_and_rows(self, shard: str) -> list[Location]:
-        """What `output.keep_downloads: false` deletes once the shard is committed (not its stats)."""
+        """A raw shard's images and rows: deleted once the shard is committed unless
+        `output.keep_downloads` (its stats stay); what retry-failed and rethreshold read."""
         return [self.raw_tar(shard), self.raw_parquet(shard)]
 
     def shard_tar(self, shard: str) -> Location:
