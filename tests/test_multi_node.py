@@ -92,6 +92,10 @@ def test_one_actor_per_declared_gpu_on_distinct_worker_nodes(cluster, clean_run,
     # The actors that scored chunks say what they had: a declared GPU each, no CUDA, so the CPU.
     assert manifest["actors"] and {a["node"] for a in manifest["actors"]} <= workers
     assert all(len(a["gpu_ids"]) == 1 and a["device"] == "cpu" for a in manifest["actors"])
+    # The bound on shards in flight lives with the driver, on the head: a lost worker never takes it.
+    table = cluster.global_state.actor_table(None).values()
+    slots = [a["Address"]["NodeID"] for a in table if a["ActorClassName"].endswith("_Slots")]
+    assert slots and set(slots) == {cluster.head_node.node_id}
 
 
 def test_a_killed_driver_resumes_to_the_uninterrupted_output(

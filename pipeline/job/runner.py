@@ -164,7 +164,7 @@ def _stream(
     plan = _StreamPlan.of(spec, actors, stage.resources)
     each = f"{stage.resources.gpus} GPU and {stage.resources.cpus} CPU each"
     log(f"capfilt: {actors} CapFilt actor(s), {each}; {plan.describe()}")
-    slots = ray.remote(num_cpus=0)(_Slots).remote(plan.in_flight)
+    slots = _Slots.on_this_node(plan.in_flight)
     writer = ShardWriter(layout, spec.filter.threshold, fingerprint)
     write = ray.remote(num_cpus=writer.resources.cpus)(_write_shard)
     writes: dict[str, Any] = {}
@@ -328,6 +328,17 @@ class _Slots:
     """The bound on shards in flight: a shard takes a slot before its download starts and gives it
     back once it is committed or failed. Taking and giving back are idempotent per shard, so a
     download task that Ray runs again, or a failure reported twice, counts once."""
+
+    @classmethod
+    def on_this_node(cls, limit: int) -> Any:
+        """The actor, pinned to the driver's node: placed anywhere, it may land on a worker node,
+        and a lost worker node would then take the whole job with it (it did, in the node-loss
+        test), where losing the driver's node ends the job anyway."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        return ray.remote(num_cpus=0, scheduling_strategy=here)(cls).remote(limit)
 
     def __init__(self, limit: int) -> None:
         import asyncio
