@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.storage import Location
-from pipeline.ingest.url_list import check_columns, prepare, read_batches
+from pipeline.ingest.prepared_list import PreparedList
+from pipeline.ingest.url_list import ListPreparation, check_columns, read_batches
 from pipeline.ingest.urlpolicy import NetworkPolicy
 from pipeline.spec.config import InputSpec, SpecError, spec_from_dict
 from pipeline.spec.list_files import ListFilesError, format_of, list_files
@@ -70,13 +71,15 @@ def test_a_glob_names_the_files_it_matches_and_compressed_parts_are_read(tmp_pat
 def test_prepare_over_parts_keeps_every_row_in_order_and_an_added_part_is_new_input(tmp_path):
     parts = _parts(tmp_path)
     spec = InputSpec(str(parts))
-    out = Location.of(tmp_path / "_input.parquet")
+    out = PreparedList(Location.of(tmp_path / "_input"))
     policy = NetworkPolicy(allow_private_networks=True)
-    assert prepare(spec, policy, out, "fp", downloaded=False) == 5
-    assert pq.read_table(out.path)["capfilt_caption"].to_pylist() == [f"caption {i}" for i in range(5)]
+    preparation = ListPreparation(spec, policy, out, 10, "fp", downloaded=False)
+    preparation.write()
+    assert preparation.rows == 5
+    assert out.read("00000")["capfilt_caption"].to_pylist() == [f"caption {i}" for i in range(5)]
     _csv(parts / "part-00002.csv", 5, 1)
     with pytest.raises(SpecError, match="holds downloads made from another URL list"):
-        prepare(spec, policy, out, "fp", downloaded=True)
+        ListPreparation(spec, policy, out, 10, "fp", downloaded=True)
 
 
 def test_the_spec_records_the_format_it_read(tmp_path):

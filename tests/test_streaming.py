@@ -17,8 +17,10 @@ from ray import cloudpickle
 
 from pipeline.cli import main
 from pipeline.curate.capfilt_stage import CapFiltStage
+from pipeline.ingest import list_readers, url_list
 from pipeline.job.runner import run_job
 from pipeline.spec.fates import Fate
+from pipeline.spec.layout import OutputLayout
 from pipeline.synthetic.sample_web import Route, StaticSite, jpeg_bytes, render_scene
 from tests.conftest import make_spec, read_records
 
@@ -173,3 +175,60 @@ def test_by_default_a_committed_shard_leaves_no_raw_images(tmp_path, shard_site,
     stricter = dataclasses.replace(spec, filter=dataclasses.replace(spec.filter, threshold=0.6))
     again = run_job(stricter, log=lambda _: None)
     assert again.complete and shard_site.total_hits == hits + 11
+
+
+def _hold_the_last_batch(monkeypatch, rows, until) -> None:
+    """Prepare the list in batches of a shard, its last batch waiting for `until()` (at most a minute)
+    before its policy check: the driver's prepare thread then plainly runs beside the stream."""
+    monkeypatch.setattr(list_readers, "BATCH_ROWS", SHARD)
+    checked = url_list.check_urls
+
+    def held(urls, policy):
+        if urls[0] == rows[-SHARD][0]:
+            deadline = time.monotonic() + 60
+            while not until():
+                assert time.monotonic() < deadline, "the stream never got ahead of the prepare"
+                time.sleep(0.05)
+        return checked(urls, policy)
+
+    monkeypatch.setattr(url_list, "check_urls", held)
+
+
+def test_the_first_shard_is_committed_while_the_list_is_still_being_prepared(
+    tmp_path, shard_site, tiny_models, monkeypatch
+):
+    rows = [(shard_site.url(f"/s{i:03d}.jpg"), f"row {i}") for i in range(32)]
+    spec = shard_job(tmp_path, rows, tiny_models)
+    layout = OutputLayout(spec.output.path)
+    _hold_the_last_batch(monkeypatch, rows, until=lambda: layout.shard_report("00000").exists())
+    result = run_job(spec, log=lambda _: None)
+    assert result.complete and len(read_records(layout)) == 32
+    prepared = layout.prepared_input / "_prepared.json"
+    assert os.stat(layout.shard_report("00000")).st_mtime <= os.stat(prepared).st_mtime
+    assert result.manifest["duplicate_urls"] == 0  # the record, read once the list was prepared
+
+
+def test_a_prepare_that_fails_mid_stream_fails_the_shards_it_held_and_the_job_resumes(
+    tmp_path, shard_site, tiny_models, monkeypatch
+):
+    rows = [(shard_site.url(f"/s{i:03d}.jpg"), f"row {i}") for i in range(32)]
+    spec = shard_job(tmp_path, rows, tiny_models)
+    layout = OutputLayout(spec.output.path)
+
+    def fail_once_shard_0_is_committed() -> bool:
+        if layout.shard_report("00000").exists():
+            raise OSError("the list's disk went away")
+        return False
+
+    _hold_the_last_batch(monkeypatch, rows, until=fail_once_shard_0_is_committed)
+    with pytest.raises(OSError, match="the list's disk went away"):
+        run_job(spec, log=lambda _: None)
+    manifest = layout.manifest.read_json()
+    failed = [s for s in manifest["shards"] if s["status"] == "failed"]
+    assert failed[-1]["shard"] == "00007" and not manifest["complete"]
+    assert "the URL list could not be prepared: the list's disk went away" in failed[-1]["error"]
+    assert manifest["shards"][0]["status"] == "done"
+
+    monkeypatch.undo()
+    again = run_job(spec, log=lambda _: None)
+    assert again.complete and len(read_records(layout)) == 32

@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,20 +15,27 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.storage import Location
-from pipeline.ingest import list_readers
+from pipeline.ingest import list_readers, url_list
 from pipeline.ingest.duplicates import DuplicateCounter
-from pipeline.ingest.url_list import (
-    EXTRA_PREFIX,
-    check_columns,
-    duplicate_urls,
-    prepare,
-    prepared_rows,
-    read_batches,
-)
+from pipeline.ingest.prepared_list import PreparedList, PrepareFailed
+from pipeline.ingest.url_list import EXTRA_PREFIX, ListPreparation, check_columns, read_batches
 from pipeline.ingest.urlpolicy import NetworkPolicy
+from pipeline.perf.stream_bench import prepare_timeline
 from pipeline.spec.config import InputSpec, SpecError
 
 OPEN = NetworkPolicy(allow_private_networks=True)
+
+
+def _prepare(spec: InputSpec, out: Path, downloaded: bool = False, shard_size: int = 4) -> int:
+    """The whole list prepared into `out`, unstreamed; its rows."""
+    preparation = ListPreparation(spec, OPEN, PreparedList(Location.of(out)), shard_size, "fp", downloaded)
+    preparation.write()
+    return preparation.rows
+
+
+def _prepared(out: Path, columns: list[str] | None = None) -> pa.Table:
+    """The prepared shards, read back with pyarrow in shard order."""
+    return pa.concat_tables(pq.read_table(p, columns=columns) for p in sorted(out.glob("*.parquet")))
 
 
 def _rows(spec: InputSpec) -> list[dict]:
@@ -135,9 +143,9 @@ def test_a_malformed_csv_row_deep_in_the_file_is_refused_with_its_text_and_nothi
     path.write_text("\n".join(lines) + "\n")
     spec = InputSpec(str(path), "csv")
     check_columns(spec)  # the header and first block are fine
-    out = Location.of(tmp_path / "_input.parquet")
-    with pytest.raises(SpecError) as raised:
-        prepare(spec, OPEN, out, "fp", downloaded=False)
+    out = tmp_path / "_input"
+    with pytest.raises(SpecError) as raised:  # when the rows are counted, before anything is written
+        _prepare(spec, out)
     message = str(raised.value)
     assert message.startswith(f"input.url_list: cannot read {path} as csv: ") and says in message, message
     assert "\n" not in message
@@ -174,12 +182,13 @@ def test_prepare_keeps_every_row_counts_repeats_and_the_count_survives_a_resume(
         "url,caption\nhttp://127.0.0.1/a/1.jpg,one\n http://127.0.0.1/a/1.jpg ,two\nnot a url,x\nnot a url,y\n,z\n,w\n"
     )
     spec = InputSpec(str(path), "csv")
-    out = Location.of(tmp_path / "_input.parquet")
-    assert prepare(spec, OPEN, out, "fp", downloaded=False) == 6
-    assert (
-        duplicate_urls(out) == 2
-    )  # the second http://127.0.0.1/a/1.jpg and the second "not a url"; "" is no URL
-    written = pq.read_table(out).to_pylist()
+    out = tmp_path / "_input"
+    prepared = PreparedList(Location.of(out))
+    assert _prepare(spec, out) == 6
+    # the second http://127.0.0.1/a/1.jpg and the second "not a url"; "" is no URL
+    assert prepared.duplicate_urls() == 2
+    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00001.parquet", "_prepared.json"]
+    written = _prepared(out).to_pylist()
     assert [r["capfilt_caption"] for r in written] == ["one", "two", "x", "y", "z", "w"]
     assert [r["url"] for r in written] == [
         "http://127.0.0.1/a/1.jpg",
@@ -189,9 +198,65 @@ def test_prepare_keeps_every_row_counts_repeats_and_the_count_survives_a_resume(
         "",
         "",
     ]
-    before = out.identity()
-    assert prepare(spec, OPEN, out, "fp", downloaded=True) == 6  # reused, not written again
-    assert out.identity() == before and duplicate_urls(out) == 2
+    before = [p.stat().st_mtime_ns for p in sorted(out.iterdir())]
+    assert _prepare(spec, out, downloaded=True) == 6  # reused, not written again
+    assert [p.stat().st_mtime_ns for p in sorted(out.iterdir())] == before and prepared.duplicate_urls() == 2
+
+
+@pytest.mark.parametrize("shard_size", [1, 7, 16, 50, 64])
+def test_the_prepared_shards_are_the_lists_rows_in_order_whatever_the_batches(tmp_path, shard_size):
+    urls = [f"http://127.0.0.1:9/{i}.jpg" for i in range(50)]
+    table = pa.table({"url": urls, "caption": [f"caption {i}" for i in range(50)]})
+    pq.write_table(table, tmp_path / "urls.parquet", row_group_size=16)
+    out = tmp_path / "_input"
+    assert _prepare(InputSpec(str(tmp_path / "urls.parquet"), "parquet"), out, shard_size=shard_size) == 50
+    shards = sorted(out.glob("*.parquet"))
+    assert len(shards) == -(-50 // shard_size)
+    assert [pq.read_metadata(p).num_rows for p in shards[:-1]] == [shard_size] * (len(shards) - 1)
+    assert _prepared(out, ["url"])["url"].to_pylist() == table["url"].to_pylist()
+
+
+def test_the_first_shard_is_written_while_the_rest_of_the_list_is_still_being_prepared(tmp_path, monkeypatch):
+    """Streaming: the download of shard 00000 can start before the list is wholly prepared."""
+    path = tmp_path / "urls.csv"
+    path.write_text("url\n" + "".join(f"http://127.0.0.1:9/{i}.jpg\n" for i in range(40)))
+    monkeypatch.setattr(list_readers, "CSV_BLOCK_BYTES", 64)  # batches of two or three rows
+    checked = url_list.check_urls
+    out = tmp_path / "_input"
+    preparation = ListPreparation(
+        InputSpec(str(path), "csv", caption_col=None), OPEN, PreparedList(Location.of(out)), 4, "fp", False
+    )
+    assert preparation.rows == 40 and not out.exists()
+    gate = threading.Event()
+
+    def held(urls, policy):  # once shard 00000 is written, the later batches wait for the test
+        if (out / "00000.parquet").exists():
+            assert gate.wait(60), "shard 00000 was never taken"
+        return checked(urls, policy)
+
+    monkeypatch.setattr(url_list, "check_urls", held)
+    writer = threading.Thread(target=preparation.write)
+    writer.start()
+    PreparedList(Location.of(out)).wait_for("00000")
+    assert not (out / "_prepared.json").exists()  # the rest of the list is not prepared yet
+    gate.set()
+    writer.join(60)
+    assert preparation.done and PreparedList(Location.of(out)).rows() == 40
+
+
+def test_a_list_that_changes_while_it_is_prepared_fails_the_shards_that_wait_for_it(tmp_path):
+    path = tmp_path / "urls.csv"
+    path.write_text("url\n" + "".join(f"http://127.0.0.1:9/{i}.jpg\n" for i in range(6)))
+    out = tmp_path / "_input"
+    preparation = ListPreparation(
+        InputSpec(str(path), "csv", caption_col=None), OPEN, PreparedList(Location.of(out)), 4, "fp", False
+    )
+    with path.open("a") as f:  # counted 6 rows; 7 are there when they are read
+        f.write("http://127.0.0.1:9/6.jpg\n")
+    with pytest.raises(SpecError, match=r"changed while it was read: 6 rows counted, then more than 6 read"):
+        preparation.write()
+    with pytest.raises(PrepareFailed, match="changed while it was read"):
+        PreparedList(Location.of(out)).wait_for("00001")  # never to be written: fails, not waits
 
 
 MILLION = 1_000_000
@@ -203,19 +268,27 @@ import json, sys, time, tracemalloc
 import pyarrow as pa
 from pipeline.spec.config import InputSpec
 from pipeline.core.storage import Location
-from pipeline.ingest.url_list import prepare
+from pipeline.ingest.prepared_list import PreparedList
+from pipeline.ingest.url_list import ListPreparation
 from pipeline.ingest.urlpolicy import NetworkPolicy
+from pipeline.perf.stream_bench import prepare_timeline
 
 url_list, warm, out, traced = sys.argv[1:]
 policy = NetworkPolicy(allow_private_networks=True)
-prepare(InputSpec(warm, "csv"), policy, Location.of(warm + ".parquet"), "fp", False)  # imports, caches
+
+def prepare(path, into):
+    preparation = ListPreparation(InputSpec(path, "csv"), policy, PreparedList(Location.of(into)), 10_000, "fp", False)
+    preparation.write()
+    return preparation.rows
+
+prepare(warm, warm + ".prepared")  # imports, caches
 arrow_before = pa.default_memory_pool().max_memory()
 start = time.perf_counter()
-rows = prepare(InputSpec(url_list, "csv"), policy, Location.of(out), "fp", False)
+rows = prepare(url_list, out)
 seconds = time.perf_counter() - start
 arrow_peak = pa.default_memory_pool().max_memory() - arrow_before
 tracemalloc.start()
-prepare(InputSpec(url_list, "csv"), policy, Location.of(traced), "fp", False)
+prepare(url_list, traced)
 python_peak = tracemalloc.get_traced_memory()[1]
 print(json.dumps({"rows": rows, "seconds": seconds, "arrow_peak": arrow_peak, "python_peak": python_peak}))
 """
@@ -236,9 +309,9 @@ def test_a_million_rows_are_prepared_in_order_in_flat_memory(tmp_path, capsys):
                             for i in range(start, start + 100_000)))  # fmt: skip
     warm = tmp_path / "warm.csv"
     warm.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a\n")
-    out = tmp_path / "_input.parquet"
+    out = tmp_path / "_input"
     measured = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(url_list), str(warm), str(out), str(tmp_path / "traced.parquet")],
+        [sys.executable, "-c", _MEASURE, str(url_list), str(warm), str(out), str(tmp_path / "traced")],
         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent,
     )  # fmt: skip
     found = json.loads(measured.stdout.strip().splitlines()[-1])
@@ -251,9 +324,13 @@ def test_a_million_rows_are_prepared_in_order_in_flat_memory(tmp_path, capsys):
     assert found["rows"] == MILLION
     assert held < size / 4  # the list is never held: one block and its batch
     assert found["python_peak"] < 4 * MILLION  # URL hashes spill to disk: held, they would be 8 bytes a row
-    assert duplicate_urls(Location.of(out)) == MILLION // 1000
+    assert PreparedList(Location.of(out)).duplicate_urls() == MILLION // 1000
     index = 0
-    for batch in pq.ParquetFile(out).iter_batches(batch_size=65536, columns=["url", "capfilt_fate"]):
+    shards = sorted(out.glob("*.parquet"))
+    assert len(shards) == MILLION // 10_000
+    for batch in (
+        b for p in shards for b in pq.ParquetFile(p).iter_batches(65536, columns=["url", "capfilt_fate"])
+    ):
         assert batch.column("url").to_pylist() == [
             _million_url(i) for i in range(index, index + batch.num_rows)
         ]
@@ -262,11 +339,13 @@ def test_a_million_rows_are_prepared_in_order_in_flat_memory(tmp_path, capsys):
     assert index == MILLION
 
 
-@pytest.mark.parametrize("group", [7, 16, 1000])
-def test_an_input_shard_is_its_rows_of_the_prepared_list_whatever_the_row_groups(tmp_path, group):
-    table = pa.table({"url": [f"http://127.0.0.1:9/{i}.jpg" for i in range(50)]})
-    pq.write_table(table, tmp_path / "prepared.parquet", row_group_size=group)
-    prepared = Location.of(tmp_path / "prepared.parquet")
-    for start, count in [(0, 16), (16, 16), (48, 16), (32, 16), (0, 50), (50, 16)]:
-        expected = table.slice(start, count)["url"].to_pylist()
-        assert prepared_rows(prepared, start, count)["url"].to_pylist() == expected
+def test_the_stream_bench_times_the_first_prepared_shard_against_the_whole_list(tmp_path):
+    timeline = prepare_timeline(tmp_path / "prepare", 20_000, 1000)
+    assert set(timeline) == {"csv", "parquet"}
+    for figures in timeline.values():
+        assert figures["rows"] == 20_000
+        assert 0 <= figures["count_s"] <= figures["first_shard_s"] <= figures["whole_list_s"]
+        ratio = figures["first_shard_s"] / figures["whole_list_s"]
+        assert figures["first_over_whole"] == pytest.approx(ratio, abs=0.02)
+    prepared = PreparedList(Location.of(tmp_path / "prepare" / "_input-csv"))
+    assert prepared.rows() == 20_000 and prepared.duplicate_urls() == 0

@@ -1,7 +1,7 @@
 """Stage 1: download one input shard with img2dataset's per-shard downloader, inside the guards.
 
-Input shard `NNNNN` is rows `i * shard_size ...` of `_input.parquet`, in order. `ShardDownload`
-hands them to img2dataset's `Downloader` (its resizer and WebDataset writer, built from the same
+Input shard `NNNNN` is the prepared list's `_input/NNNNN.parquet` (`prepared_list`). `ShardDownload`
+hands its rows to img2dataset's `Downloader` (its resizer and WebDataset writer, built from the same
 arguments `img2dataset.download` takes, `DownloadStage.arguments`), which writes `downloads/NNNNN.tar`
 (the resized images), `NNNNN.parquet` (a row per sample, failed ones included, with `status` and
 `error_message`) and, last, `NNNNN_stats.json`: the raw shard's done marker. A shard that has one is
@@ -23,7 +23,8 @@ import pyarrow as pa
 from pipeline.core.resources import Resources
 from pipeline.ingest.fetch_guard import FetchGuard
 from pipeline.ingest.image_guard import GuardedResizer, ImageGuard
-from pipeline.ingest.url_list import carried_columns, prepared_rows
+from pipeline.ingest.prepared_list import PreparedList
+from pipeline.ingest.url_list import carried_columns
 from pipeline.spec.config import JobSpec
 from pipeline.spec.layout import OutputLayout
 
@@ -85,12 +86,16 @@ class ShardDownload:
         `output.keep_downloads` is false and the shard was committed; a stale commit downloads again)."""
         return self.layout.raw_stats(shard).exists() and self.layout.raw_parquet(shard).exists()
 
+    def wait_for_input(self, shard: str) -> None:
+        """Block until the shard's prepared rows are written: the list is prepared while the first
+        shards download. Raises `PrepareFailed` when they never will be."""
+        PreparedList(self.layout.prepared_input).wait_for(shard)
+
     def __call__(self, shard: str) -> None:
         """Raises what img2dataset raised; the runner retries the shard."""
         if self.done(shard):
             return
-        size = self.spec.output.shard_size
-        rows = prepared_rows(self.layout.prepared_input, int(shard) * size, size)
+        rows = PreparedList(self.layout.prepared_input).read(shard)
         staged = self.layout.downloads / "_tmp" / f"{shard}.feather"  # img2dataset's input, removed by it
         staged.parent.mkdir()
         columns = _column_list(self.spec)

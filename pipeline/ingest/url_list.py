@@ -2,26 +2,29 @@
 
 Preparing does four things: it checks the columns before any work starts, gives every row its
 policy verdict (`urlpolicy`), counts the rows whose URL came earlier in the list (`duplicates`), and
-writes `_input.parquet`, whose rows map one-to-one, in order, to img2dataset's samples. A row that
-must not be fetched gets an empty `url` (img2dataset fails it at once, without a request) and its
-verdict travels in `capfilt_*` columns, so it still comes out of the download as a row of its shard
-and ends with its own fate. The job's extra input columns travel the same way, as
-`capfilt_extra.NAME`, so that no name of the user's can clash with img2dataset's own columns.
+writes the prepared list (`prepared_list`), whose rows map one-to-one, in order, to img2dataset's
+samples, one file per input shard, as it goes: the first shards download while later ones are still
+being prepared (`ListPreparation`). A row that must not be fetched gets an empty `url` (img2dataset
+fails it at once, without a request) and its verdict travels in `capfilt_*` columns, so it still
+comes out of the download as a row of its shard and ends with its own fate. The job's extra input
+columns travel the same way, as `capfilt_extra.NAME`, so that no name of the user's can clash with
+img2dataset's own columns.
 Reading the file, robust to odd rows, is `list_readers`' part.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.core.messages import one_line, printable
 from pipeline.core.storage import Location, parquet_file
 from pipeline.ingest.duplicates import DuplicateCounter
 from pipeline.ingest.list_readers import UnreadableList, as_strings, batches, column_names
+from pipeline.ingest.prepared_list import FINGERPRINT_KEY, PreparedList
 from pipeline.ingest.urlpolicy import NetworkPolicy, ascii_url, check_urls
 from pipeline.spec.config import InputSpec, SpecError
 from pipeline.spec.list_files import ListFilesError, list_files
@@ -33,8 +36,6 @@ FATE = "capfilt_fate"
 ERROR = "capfilt_error"
 CARRIED_COLUMNS = [URL, CAPTION, FATE, ERROR]
 EXTRA_PREFIX = "capfilt_extra."
-FINGERPRINT_KEY = b"capfilt_fingerprint"
-DUPLICATES_KEY = b"capfilt_duplicate_urls"  # in the prepared file's key-value metadata
 
 # What reading the list can raise when the file, not a row, is at fault.
 _UNREADABLE = (pa.ArrowInvalid, OSError, KeyError, UnicodeDecodeError, UnreadableList)
@@ -115,60 +116,112 @@ def _check_part_columns(spec: InputSpec, part: Location, fmt: str) -> None:
             )
 
 
-def prepare(spec: InputSpec, policy: NetworkPolicy, out: Location, fingerprint: str, downloaded: bool) -> int:
-    """Write img2dataset's input list to `out`; return the number of input rows.
+class ListPreparation:
+    """Preparing the list, in two steps so that it can stream: the constructor decides, before any
+    work, how many rows the job has (`rows`) and whether the list is prepared already (`done`); `write()` then
+    writes the prepared list shard by shard into `out` (`PreparedList`), while the shards written so
+    far are downloaded.
 
-    `fingerprint` covers the spec's input and download settings; the URL list's size and time
-    are added to it. A file made the same way is reused, so a resumed job neither re-reads the
-    list nor re-resolves its hosts. A different one is refused once anything was `downloaded`:
-    img2dataset would otherwise resume the old downloads as if they were the new job's.
-    The count of repeated URLs goes into the file's metadata (`duplicate_urls` reads it back).
+    `fingerprint` covers the spec's input and download settings (the shard size among them); the
+    list files' names, sizes and versions are added to it. A list prepared the same way is reused,
+    so a resumed job neither re-reads the list nor re-resolves its hosts. A different one is refused
+    once anything was `downloaded`: img2dataset would otherwise resume the old downloads as if they
+    were the new job's.
+
+    The rows are counted first, so that every shard can be named before the first is written. For a
+    Parquet list that is its files' footers; a CSV or JSON Lines list is read through once, which is
+    also where a malformed row anywhere in it is refused before any work starts. Then whatever an
+    earlier run left in `out` (half a list, or its failure) is removed, before any download looks.
     """
-    parts, fmt = _list_files(spec)  # one listing for the identity and the reading
-    identity = f"{fingerprint}:{_source_identity(parts)}".encode()
-    if out.exists():
-        existing = parquet_file(out)
-        if (existing.schema_arrow.metadata or {}).get(FINGERPRINT_KEY) == identity:
-            return existing.metadata.num_rows
-        if downloaded:
+
+    def __init__(
+        self,
+        spec: InputSpec,
+        policy: NetworkPolicy,
+        out: PreparedList,
+        shard_size: int,
+        fingerprint: str,
+        downloaded: bool,
+    ) -> None:
+        self.spec, self.policy, self.out, self.shard_size = spec, policy, out, shard_size
+        self._parts, self._fmt = _list_files(spec)  # one listing for the identity and the reading
+        self.identity = f"{fingerprint}:{_source_identity(self._parts)}"
+        self._stop = threading.Event()
+        found = out.identity()
+        if found == self.identity and out.record.exists():
+            self.rows, self.done = out.rows(), True
+            return
+        if found not in (None, self.identity) and downloaded:
             raise SpecError(
-                f"output.path: {out.parent} holds downloads made from another URL list or other input or "
-                "download settings; use a new output.path (or delete its downloads/ and _input.parquet)"
+                f"output.path: {out.root.parent} holds downloads made from another URL list or other input "
+                "or download settings; use a new output.path (or delete its downloads/ and _input/)"
             )
-    schema = prepared_schema(spec).with_metadata({FINGERPRINT_KEY: identity})
-    rows = 0
-    with DuplicateCounter() as repeats, out.writing() as stream, pq.ParquetWriter(stream, schema) as writer:
-        for batch in _read_parts(spec, parts, fmt):
-            urls = batch.column("url").to_pylist()
-            writer.write_batch(_prepared(batch, urls, policy, schema))
-            repeats.add(urls)
-            rows += batch.num_rows
-        writer.add_key_value_metadata({DUPLICATES_KEY: str(repeats.count())})
-    return rows
+        self.rows, self.done = self._count(), False
+        # What an earlier run left (half a list, its failure) goes now, before any download looks.
+        out.root.rmtree()
 
+    def _count(self) -> int:
+        """The list's rows, every part's columns checked on the way."""
+        try:
+            for part in self._parts:
+                _check_part_columns(self.spec, part, self._fmt)
+            if self._fmt == "parquet":
+                rows = 0
+                for part in self._parts:  # a loop, not sum(): `part` names the one that failed
+                    rows += parquet_file(part).metadata.num_rows
+                return rows
+        except _UNREADABLE as err:
+            raise _unreadable(part, self._fmt, err) from None
+        return sum(batch.num_rows for batch in _read_parts(self.spec, self._parts, self._fmt))
 
-def prepared_rows(prepared: Location, start: int, count: int) -> pa.Table:
-    """Rows `start .. start + count` of the prepared list (input shard `start // count`), reading only
-    the row groups that hold them: a download task takes its shard without reading the whole list."""
-    source = parquet_file(prepared)
-    groups, first, offset = [], None, 0
-    for index in range(source.metadata.num_row_groups):
-        size = source.metadata.row_group(index).num_rows
-        if offset + size > start and offset < start + count:
-            groups.append(index)
-            first = offset if first is None else first
-        offset += size
-    if not groups:
-        return source.schema_arrow.empty_table()
-    table = source.read_row_groups(groups)
-    return table.slice(start - first, count)
+    def write(self) -> None:
+        """Write the prepared shards in order, then the record; a no-op when `done`. On an error the
+        failure is recorded in `out` too (`PreparedList.failed`), for the downloads waiting on a
+        shard that will not come, and raised."""
+        if self.done:
+            return
+        try:
+            self._write_shards()
+        except Exception as err:
+            self.out.fail(err)
+            raise
+        self.done = True
 
+    def stop(self) -> None:
+        """Stop `write()` at its next batch (the job ended early); the list is prepared again next run."""
+        self._stop.set()
 
-def duplicate_urls(prepared: Location) -> int | None:
-    """How many rows of the list repeat an earlier row's URL, as `prepare` counted them; None for a
-    prepared file without the count."""
-    value = (parquet_file(prepared).metadata.metadata or {}).get(DUPLICATES_KEY)
-    return None if value is None else int(value)
+    def _write_shards(self) -> None:
+        schema = prepared_schema(self.spec).with_metadata({FINGERPRINT_KEY: self.identity.encode()})
+        pending: list[pa.RecordBatch] = []
+        held = shard = rows = 0
+        with DuplicateCounter() as repeats:
+            for batch in _read_parts(self.spec, self._parts, self._fmt):
+                while batch.num_rows:  # checked a shard's worth at a time: shard 00000 goes first
+                    if self._stop.is_set():
+                        return
+                    piece, batch = batch.slice(0, self.shard_size - held), batch.slice(self.shard_size - held)
+                    rows += piece.num_rows
+                    if rows > self.rows:
+                        raise SpecError(self._changed(f"more than {self.rows}"))
+                    urls = piece.column("url").to_pylist()
+                    repeats.add(urls)
+                    pending.append(_prepared(piece, urls, self.policy, schema))
+                    held += piece.num_rows
+                    if held == self.shard_size:
+                        self.out.write_shard(shard, pa.Table.from_batches(pending, schema))
+                        pending, held, shard = [], 0, shard + 1
+            if rows != self.rows:
+                raise SpecError(self._changed(str(rows)))
+            if held:
+                self.out.write_shard(shard, pa.Table.from_batches(pending, schema))
+            self.out.write_record(self.identity, rows, repeats.count())
+
+    def _changed(self, read: str) -> str:
+        return (
+            f"input.url_list: {printable(self.spec.url_list)} changed while it was read: "
+            f"{self.rows} rows counted, then {read} read; run the job again"
+        )
 
 
 def _prepared(

@@ -43,10 +43,11 @@ def capfilt_names(root: Location) -> frozenset[str]:
     """Every name capfilt writes directly under an output directory (img2dataset's `_tmp` lives
     under `downloads/`; the files of `downloads/` and `shards/` are not looked at)."""
     layout = OutputLayout(root)
-    whole = [layout.manifest, layout.prepared_input]  # written under a temporary name, then renamed
+    whole = [layout.manifest]  # written under a temporary name, then renamed
     temporary = [temporary_name(p.path).rpartition("/")[2] for p in whole]
-    directories = [layout.downloads.name, layout.shards.name, RETRY_DIR]
-    return frozenset([*(p.name for p in whole), *temporary, *directories, LOCK_NAME, IN_PROGRESS])
+    directories = [layout.prepared_input.name, layout.downloads.name, layout.shards.name, RETRY_DIR]
+    earlier = ["_input.parquet"]  # the prepared list of outputs written before it was one file a shard
+    return frozenset([*(p.name for p in whole), *temporary, *directories, *earlier, LOCK_NAME, IN_PROGRESS])
 
 
 @contextlib.contextmanager

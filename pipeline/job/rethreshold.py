@@ -1,8 +1,8 @@
 """`capfilt rethreshold OUT --threshold T --out NEW`: the job's output at another ITM threshold, from
 the stored scores, with no model and no GPU.
 
-NEW becomes a complete output of the job's spec with `filter.threshold = T`. Its `downloads/` and
-`_input.parquet` are hard links to OUT's files (copies across file systems): no space is spent, and
+NEW becomes a complete output of the job's spec with `filter.threshold = T`. The files of its
+`downloads/` and `_input/` are hard links to OUT's files (copies across file systems): no space is spent, and
 a later `retry-failed` on OUT, which replaces OUT's raw files, leaves NEW's as they were. Every
 output shard is written again by the job's own `ShardWriter` from the scores OUT stores, so the
 fates are decided by the very code that decided them the first time. NEW then reads like any job
@@ -62,11 +62,11 @@ def rethreshold(source: JobOutput, threshold: float, target: str | Path | Locati
     with claim_output(work.root, overwrite=True, key="--out", log=lambda _: None):
         if not target.local:  # first, so that only a prefix this wrote is ever started over
             (work.root / IN_PROGRESS).write_text(source.layout.root.resolve().uri)
-        work.downloads.mkdir()
-        for path in source.layout.downloads.files():
-            path.link_to(work.downloads / path.name)
-        if source.layout.prepared_input.exists():
-            source.layout.prepared_input.link_to(work.prepared_input)
+        old, new = source.layout, work
+        for directory, into in [(old.downloads, new.downloads), (old.prepared_input, new.prepared_input)]:
+            into.mkdir()
+            for path in directory.files():
+                path.link_to(into / path.name)
 
         writer = ShardWriter(work, threshold, spec.fingerprint())
         # Writing a shard is Python-bound (a record per row), so shards go to worker processes.
@@ -97,9 +97,7 @@ def _interrupted_here(target: Location) -> bool:
     locally). Without the marker a prefix is someone's data, and is never deleted."""
     names = {p.name for p in target.iterdir()}
     return (
-        not target.local
-        and IN_PROGRESS in names
-        and names <= {IN_PROGRESS, "downloads", "shards", "_input.parquet"}
+        not target.local and IN_PROGRESS in names and names <= {IN_PROGRESS, "downloads", "shards", "_input"}
     )
 
 

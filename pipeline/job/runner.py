@@ -1,10 +1,10 @@
 """Runs a job: wires the stages onto Ray. The only module that knows Ray.
 
-    prepare (driver) -> one Ray Data stream, shard by shard:
-    download the input shard (img2dataset's per-shard downloader, a Ray task with a deadline)
-    -> read its chunks -> preprocess (CPU tasks) -> CapFilt actors (one per GPU)
-    -> results back to the driver, grouped by shard -> a Ray task writes (commits) each shard
-    as soon as its last chunk arrives.
+    prepare the list (a driver thread, shard by shard) beside one Ray Data stream, shard by shard:
+    wait for the input shard's prepared rows -> download it (img2dataset's per-shard downloader,
+    a Ray task with a deadline) -> read its chunks -> preprocess (CPU tasks)
+    -> CapFilt actors (one per GPU) -> results back to the driver, grouped by shard
+    -> a Ray task writes (commits) each shard as soon as its last chunk arrives.
 
 Shard N+1 downloads while shard N is scored and shard N-1 is written. At most
 `resources.shards_in_flight` shards are between "download started" and "committed" at any moment
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -37,13 +38,14 @@ from pipeline.curate.chunks import PASSED_ON, Chunk, ChunkReader
 from pipeline.curate.model_check import check_itm_tokenizer, check_models
 from pipeline.curate.preprocess import PreprocessStage
 from pipeline.ingest.download import ShardDownload
-from pipeline.ingest.url_list import check_columns, prepare
+from pipeline.ingest.prepared_list import PreparedList, PrepareFailed
+from pipeline.ingest.url_list import ListPreparation, check_columns
 from pipeline.ingest.urlpolicy import NetworkPolicy
 from pipeline.job.output_guard import claim_output
 from pipeline.output.manifest import build_manifest, check_accounting
 from pipeline.output.shard_writer import ShardWriter, scores_by_key
 from pipeline.spec.config import JobSpec
-from pipeline.spec.layout import OutputLayout, write_json_atomically
+from pipeline.spec.layout import OutputLayout, shard_name, write_json_atomically
 
 Log = Callable[[str], None]
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -89,9 +91,16 @@ def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, log: 
     layout.root.mkdir()
     fingerprint = spec.fingerprint()
     with ray_session(address):
-        rows = prepare(spec.input, NetworkPolicy.of(spec.download), layout.prepared_input,
-                       spec.download_fingerprint(), downloaded=bool(layout.downloaded_shards()))  # fmt: skip
-        names = [f"{i:05d}" for i in range(math.ceil(rows / spec.output.shard_size))]
+        preparation = ListPreparation(
+            spec.input,
+            NetworkPolicy.of(spec.download),
+            PreparedList(layout.prepared_input),
+            spec.output.shard_size,
+            spec.download_fingerprint(),
+            downloaded=bool(layout.downloaded_shards()),
+        )
+        rows = preparation.rows
+        names = [shard_name(i) for i in range(math.ceil(rows / spec.output.shard_size))]
         # Written now, so that `capfilt inspect` can follow a job that is running or died half way.
         reports = layout.finished_reports(names, fingerprint)
         write_json_atomically(layout.manifest, build_manifest(spec, rows, names, reports, {}))
@@ -103,16 +112,47 @@ def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, log: 
             f"{len(pending)} to caption and filter ({on_disk} of them downloaded already)"
         )
         outcome = _Outcome()
-        if pending:
-            outcome = _stream(spec, layout, pending, fingerprint, log, stage_type, preprocess)
-            reports.update(outcome.reports)
+        with _preparing(preparation, outcome) as prepare_failed:
+            if pending:
+                _stream(spec, layout, pending, fingerprint, log, stage_type, preprocess, outcome)
+                reports.update(outcome.reports)
         log(outcome.timings.summary())
     actors = list(outcome.actors.values())
     timings = outcome.timings.as_dict()
     manifest = build_manifest(spec, rows, names, reports, outcome.errors, actors=actors, timings=timings)
     write_json_atomically(layout.manifest, manifest)
+    if prepare_failed:
+        raise prepare_failed[0]  # the shards it held back are failed in the manifest
     check_accounting(manifest)
     return JobResult(manifest, layout)
+
+
+@contextlib.contextmanager
+def _preparing(preparation: ListPreparation, outcome: _Outcome) -> Iterator[list[Exception]]:
+    """Prepare the list on a driver thread while the block streams it: the first shards download
+    while later ones are still being prepared. Yields the list that gets preparing's error, if any.
+
+    A stream that ended with failed shards stops preparing (a stage that fails every chunk must not
+    wait out the rest of a billion-row list); one that finished waits for the list's record."""
+    failed: list[Exception] = []
+
+    def write() -> None:
+        try:
+            preparation.write()
+        except Exception as err:
+            failed.append(err)
+
+    thread = threading.Thread(target=write, name="capfilt-prepare", daemon=True)
+    thread.start()
+    try:
+        yield failed
+    except BaseException:
+        preparation.stop()
+        raise
+    finally:
+        if outcome.errors:
+            preparation.stop()
+        thread.join()
 
 
 @contextlib.contextmanager
@@ -153,12 +193,16 @@ def _stream(
     log: Log,
     stage_type: type[CapFiltStage],
     preprocess: PreprocessStage,
-) -> _Outcome:
-    """Download, caption/filter and write `shards` as one stream (see the module's docstring)."""
+    outcome: _Outcome,
+) -> None:
+    """Download, caption/filter and write `shards` as one stream (see the module's docstring), into
+    `outcome`."""
     import ray
 
-    start, started_at = time.perf_counter(), time.time()
-    outcome = _Outcome()
+    # One clock for the whole phase: the moments in it come from other processes (`time.time()` of
+    # the tasks), and a monotonic clock beside them disagrees by as much as the wall clock is stepped
+    # (5 s once, in CI: the first commit came "after" the phase's end).
+    started_at = time.time()
     stage = stage_type(spec.captioner, spec.filter, _actor_resources(spec, log))
     actors = spec.resources.actors or _actors_for(stage.resources)
     plan = _StreamPlan.of(spec, actors, stage.resources)
@@ -228,8 +272,7 @@ def _stream(
             outcome.errors[name] = f"writing the shard failed: {one_line(err)}"
     outcome.timings.shards_in_flight = {"limit": plan.in_flight, "peak": ray.get(slots.peak.remote())}
     (layout.downloads / "_tmp").rmtree()  # the downloads' staged inputs, as img2dataset leaves it
-    outcome.timings.caption_filter_s = time.perf_counter() - start
-    return outcome
+    outcome.timings.caption_filter_s = time.time() - started_at
 
 
 @dataclass(frozen=True)
@@ -284,9 +327,14 @@ class _DownloadWithDeadline:
         import ray
 
         shard = row["shard"]
+        result = {"shard": shard, "download_error": "", "download_s": 0.0, "downloaded_at": 0.0}
+        if not self.download.done(shard):
+            try:  # before taking a slot: a shard not yet prepared holds no place in flight
+                self.download.wait_for_input(shard)
+            except PrepareFailed as err:
+                return {**result, "download_error": str(err), "downloaded_at": time.time()}
         ray.get(self.slots.acquire.remote(shard))
         begun = time.perf_counter()
-        result = {"shard": shard, "download_error": "", "download_s": 0.0, "downloaded_at": 0.0}
         if not self.download.done(shard):
             attempt_task = _attempt_task(self.download.resources.cpus)
             reason = ""

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from pipeline import __version__
-from pipeline.ingest.url_list import duplicate_urls as counted_duplicates
+from pipeline.ingest.prepared_list import PreparedList
 from pipeline.spec.config import JobSpec
 from pipeline.spec.fates import add_counts, count_fates
 from pipeline.spec.layout import OutputLayout
@@ -78,8 +78,7 @@ def build_manifest(
 
 def _duplicate_urls(spec: JobSpec) -> int | None:
     try:
-        prepared = OutputLayout(spec.output.path).prepared_input
-        return counted_duplicates(prepared) if prepared.exists() else None
+        return PreparedList(OutputLayout(spec.output.path).prepared_input).duplicate_urls()
     except (OSError, ValueError, ImportError):  # an output moved, a backend not installed here
         return None
 

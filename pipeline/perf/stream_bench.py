@@ -7,7 +7,10 @@
    alone (plain img2dataset on the same prepared list, a process per core) and caption/filter alone
    (the same job run again over its own downloads, its shards removed). End to end within 1.15x of
    the slower half means they overlap; the sum would mean they take turns.
-3. Memory and disk: the driver's peak RSS at each size; the peak bytes of raw shards under
+3. Prepare: a 1,000,000-row list (CSV and Parquet, on local disk, no Ray): seconds until input shard
+   00000 is prepared, which is all the first download waits for, against the whole list's prepare,
+   which it waited for before the list was prepared shard by shard.
+4. Memory and disk: the driver's peak RSS at each size; the peak bytes of raw shards under
    `downloads/` in the first-shard runs (a raw shard goes once committed, so the peak follows the
    shards in flight, not the list), and under the whole output in the overlap run (which runs with
    `output.keep_downloads: true`, for its second half).
@@ -19,21 +22,30 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 
+from pipeline.core.storage import Location
 from pipeline.curate.tiny_models import IMAGE_SIZE, write_tiny_models
+from pipeline.ingest.prepared_list import PreparedList
+from pipeline.ingest.url_list import ListPreparation
+from pipeline.ingest.urlpolicy import NetworkPolicy
 from pipeline.perf.bench_web import bench_site, bench_spec
 from pipeline.perf.disk_watch import DiskWatch
 from pipeline.perf.harness import machine
 from pipeline.perf.job_run import JobRun, keeping_downloads, rerun_over_downloads, run_watched
 from pipeline.perf.plain_download import plain_download_s
 from pipeline.perf.process_watch import busy_share
-from pipeline.spec.layout import OutputLayout
+from pipeline.spec.config import InputSpec
+from pipeline.spec.layout import OutputLayout, shard_name
 
 FIRST_SHARD_RATIO_TARGET = 1.3  # long list's first commit over the short list's
 FIRST_SHARD_SHARE_TARGET = 0.5  # the long list's first commit, as a share of its run
@@ -49,6 +61,8 @@ class StreamSettings:
     overlap_rows: int = 20000
     overlap_shard_size: int = 1000
     batch_size: int = 64
+    prepare_rows: int = 1_000_000
+    prepare_shard_size: int = 10_000  # output.shard_size's default
 
 
 def run_stream_bench(settings: StreamSettings, log: Any = print) -> dict[str, Any]:
@@ -66,6 +80,9 @@ def run_stream_bench(settings: StreamSettings, log: Any = print) -> dict[str, An
         "ratio": round(long["first_commit_s"] / short["first_commit_s"], 3),
         "share_of_long_run": round(long["first_commit_s"] / long["wall_s"], 3),
     }
+    log(f"stream: preparing a {settings.prepare_rows}-row list ...")
+    prepare_at = settings.work / "prepare"
+    report["prepare"] = prepare_timeline(prepare_at, settings.prepare_rows, settings.prepare_shard_size)
     log(f"stream: {settings.overlap_rows} rows end to end, then each half alone ...")
     report["overlap"] = _overlap(settings, models)
     return report
@@ -122,6 +139,42 @@ def _overlap(settings: StreamSettings, models: Any) -> dict[str, Any]:
     }
 
 
+def prepare_timeline(work: Path, rows: int, shard_size: int) -> dict[str, dict[str, float]]:
+    """Per list format: seconds until input shard 00000 is written and until the list is prepared
+    (counting the rows included), as the job's driver thread prepares it."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    urls = [f"http://127.0.0.1:9/images/{i % 97:02d}/photo-{i:09d}.jpg" for i in range(rows)]
+    table = pa.table({"url": urls, "caption": [f"a photograph of item {i} on a table" for i in range(rows)]})
+    pq.write_table(table, work / "urls.parquet")
+    pa_csv.write_csv(table, work / "urls.csv")
+    timeline = {}
+    for fmt in ("csv", "parquet"):
+        out = PreparedList(Location.of(work / f"_input-{fmt}"))
+        start = time.perf_counter()
+        spec = InputSpec(str(work / f"urls.{fmt}"), fmt)
+        policy = NetworkPolicy(allow_private_networks=True)
+        preparation = ListPreparation(spec, policy, out, shard_size, "bench", downloaded=False)
+        counted = time.perf_counter() - start
+        writer = threading.Thread(target=preparation.write)
+        writer.start()
+        while not out.shard(shard_name(0)).exists() and writer.is_alive():
+            time.sleep(0.002)
+        first = time.perf_counter() - start
+        writer.join()
+        if not preparation.done:
+            raise RuntimeError(f"preparing the {fmt} list failed")
+        whole = time.perf_counter() - start
+        timeline[fmt] = {
+            "rows": preparation.rows,
+            "count_s": round(counted, 3),
+            "first_shard_s": round(first, 3),
+            "whole_list_s": round(whole, 3),
+            "first_over_whole": round(first / whole, 4),
+        }
+    return timeline
+
+
 def _figures(run: JobRun, output: str) -> dict[str, Any]:
     """Seconds from `capfilt run` to the first commit and to the end, and the driver's peak memory."""
     markers = OutputLayout(output).shards.glob("*.done.json")
@@ -165,5 +218,11 @@ def format_stream_report(report: dict[str, Any]) -> str:
         f"output peak {o['peak_disk_mb']} MB (downloads kept)",
         "  machine CPU busy: end to end {end_to_end:.0%}, download alone {download_alone:.0%}, "
         "caption/filter alone {caption_filter_alone:.0%}".format(**o["cpu_busy"]),
+        "prepare (s until input shard 00000 is written, which the first download waits for; whole list):",
     ]
+    for fmt, p in report["prepare"].items():
+        lines.append(
+            f"  {p['rows']} rows, {fmt}: first shard {p['first_shard_s']} s (the count {p['count_s']} s) "
+            f"of {p['whole_list_s']} s: {p['first_over_whole']:.1%}"
+        )
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Where a job's files live under `output.path`, and when a shard counts as done.
 
-    _input.parquet           the URL list after the policy check (img2dataset's input)
+    _input/NNNNN.parquet     the URL list after the policy check, by input shard (img2dataset's
+                             input), and _input/_prepared.json once all of it is
     downloads/NNNNN.tar      raw shards from img2dataset (+ .parquet, _stats.json)
     shards/NNNNN.tar         WebDataset: kept samples only
     shards/NNNNN.parquet     one row per input row
@@ -26,6 +27,11 @@ RETRY_DIR = "_retry"  # retry-failed's own small job, removed when it has been f
 IN_PROGRESS = ".capfilt-rethreshold"
 
 
+def shard_name(index: int) -> str:
+    """Shard `index`'s name, as img2dataset names its shards (`oom_shard_count` 5)."""
+    return f"{index:05d}"
+
+
 @dataclass(frozen=True, init=False)
 class OutputLayout:
     root: Location
@@ -35,7 +41,8 @@ class OutputLayout:
 
     @property
     def prepared_input(self) -> Location:
-        return self.root / "_input.parquet"
+        """The prepared URL list's directory (`pipeline.ingest.prepared_list`)."""
+        return self.root / "_input"
 
     @property
     def downloads(self) -> Location:

@@ -1,0 +1,96 @@
+"""The prepared URL list on disk, one file per input shard, so that downloads can start while the list
+is still being prepared:
+
+    _input/NNNNN.parquet    input shard NNNNN: rows NNNNN * shard_size ..., in order (img2dataset's
+                            input; a directory of them is what plain img2dataset reads too)
+    _input/_prepared.json   written last: the list's identity, its rows and its repeated URLs
+    _input/_failed.json     written instead when preparing failed: why
+
+A shard file is written whole (`Location.writing`), so one that exists is complete. Each carries the
+identity in its metadata as well, so that a list whose preparing was cut short still says which
+list and settings it was made from.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.core.messages import one_line
+from pipeline.core.storage import Location, parquet_file, read_parquet
+from pipeline.spec.layout import shard_name
+
+FINGERPRINT_KEY = b"capfilt_fingerprint"  # in each shard file's key-value metadata
+RECORD = "_prepared.json"
+FAILED = "_failed.json"
+_POLL_S = (0.05, 1.0)  # waiting for a shard: first and longest pause between looks
+
+
+class PrepareFailed(RuntimeError):
+    """Preparing the list failed, so the shard waited for will never be written."""
+
+
+@dataclass(frozen=True)
+class PreparedList:
+    root: Location
+
+    def shard(self, name: str) -> Location:
+        return self.root / f"{name}.parquet"
+
+    @property
+    def record(self) -> Location:
+        return self.root / RECORD
+
+    @property
+    def failed(self) -> Location:
+        return self.root / FAILED
+
+    # -- writing (the driver) -------------------------------------------------------------------
+
+    def write_shard(self, index: int, table: pa.Table) -> None:
+        self.root.mkdir()
+        with self.shard(shard_name(index)).writing() as stream:
+            pq.write_table(table, stream)
+
+    def write_record(self, identity: str, rows: int, duplicate_urls: int) -> None:
+        self.root.mkdir()  # an empty list has no shard before it
+        self.record.write_json({"identity": identity, "rows": rows, "duplicate_urls": duplicate_urls})
+
+    def fail(self, err: BaseException) -> None:
+        self.root.mkdir()
+        self.failed.write_json({"error": one_line(err)})
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def identity(self) -> str | None:
+        """What the list present was made from: the record's, else a shard file's; None when empty."""
+        if self.record.exists():
+            return str(self.record.read_json()["identity"])
+        shards = self.root.glob("*.parquet")
+        if not shards:
+            return None
+        found = (parquet_file(shards[0]).schema_arrow.metadata or {}).get(FINGERPRINT_KEY)
+        return None if found is None else found.decode()
+
+    def rows(self) -> int:
+        return int(self.record.read_json()["rows"])
+
+    def duplicate_urls(self) -> int | None:
+        """How many rows repeat an earlier row's URL; None before the list is wholly prepared."""
+        return int(self.record.read_json()["duplicate_urls"]) if self.record.exists() else None
+
+    def read(self, name: str) -> pa.Table:
+        return read_parquet(self.shard(name))
+
+    def wait_for(self, name: str) -> None:
+        """Block until shard `name` is written; raise `PrepareFailed` once preparing has failed."""
+        pause = _POLL_S[0]
+        while not self.shard(name).exists():
+            if self.failed.exists():
+                reason = self.failed.read_json()["error"]
+                raise PrepareFailed(f"the URL list could not be prepared: {reason}")
+            time.sleep(pause)
+            pause = min(2 * pause, _POLL_S[1])
