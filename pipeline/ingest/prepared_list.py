@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,24 +52,23 @@ class PreparedList:
     # -- writing (the driver) -------------------------------------------------------------------
 
     def write_shard(self, index: int, table: pa.Table) -> None:
-        self.root.mkdir()
         with self.shard(shard_name(index)).writing() as stream:
             pq.write_table(table, stream)
 
     def write_record(self, identity: str, rows: int, duplicate_urls: int) -> None:
-        self.root.mkdir()  # an empty list has no shard before it
         self.record.write_json({"identity": identity, "rows": rows, "duplicate_urls": duplicate_urls})
 
     def fail(self, err: BaseException) -> None:
-        self.root.mkdir()
         self.failed.write_json({"error": one_line(err)})
 
     # -- reading --------------------------------------------------------------------------------
 
-    def identity(self) -> str | None:
-        """What the list present was made from: the record's, else a shard file's; None when empty."""
-        if self.record.exists():
-            return str(self.record.read_json()["identity"])
+    def read_record(self) -> dict[str, Any] | None:
+        """`identity`, `rows` and `duplicate_urls`; None before the list is wholly prepared."""
+        return self.record.read_json() if self.record.exists() else None
+
+    def shard_identity(self) -> str | None:
+        """What a list cut short was made from, by its first shard file; None without one."""
         shards = self.root.glob("*.parquet")
         if not shards:
             return None
@@ -80,7 +80,8 @@ class PreparedList:
 
     def duplicate_urls(self) -> int | None:
         """How many rows repeat an earlier row's URL; None before the list is wholly prepared."""
-        return int(self.record.read_json()["duplicate_urls"]) if self.record.exists() else None
+        record = self.read_record()
+        return None if record is None else int(record["duplicate_urls"])
 
     def read(self, name: str) -> pa.Table:
         return read_parquet(self.shard(name))

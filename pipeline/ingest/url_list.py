@@ -118,9 +118,9 @@ def _check_part_columns(spec: InputSpec, part: Location, fmt: str) -> None:
 
 class ListPreparation:
     """Preparing the list, in two steps so that it can stream: the constructor decides, before any
-    work, how many rows the job has (`rows`) and whether the list is prepared already (`done`); `write()` then
-    writes the prepared list shard by shard into `out` (`PreparedList`), while the shards written so
-    far are downloaded.
+    work, how many rows the job has (`rows`) and whether the list is prepared already (`done`);
+    `write()` then writes the prepared list shard by shard into `out` (`PreparedList`), while the
+    shards written so far are downloaded.
 
     `fingerprint` covers the spec's input and download settings (the shard size among them); the
     list files' names, sizes and versions are added to it. A list prepared the same way is reused,
@@ -147,10 +147,11 @@ class ListPreparation:
         self._parts, self._fmt = _list_files(spec)  # one listing for the identity and the reading
         self.identity = f"{fingerprint}:{_source_identity(self._parts)}"
         self._stop = threading.Event()
-        found = out.identity()
-        if found == self.identity and out.record.exists():
-            self.rows, self.done = out.rows(), True
+        record = out.read_record()
+        if record is not None and record["identity"] == self.identity:
+            self.rows, self.done = int(record["rows"]), True
             return
+        found = record["identity"] if record is not None else out.shard_identity()
         if found not in (None, self.identity) and downloaded:
             raise SpecError(
                 f"output.path: {out.root.parent} holds downloads made from another URL list or other input "
@@ -175,23 +176,24 @@ class ListPreparation:
         return sum(batch.num_rows for batch in _read_parts(self.spec, self._parts, self._fmt))
 
     def write(self) -> None:
-        """Write the prepared shards in order, then the record; a no-op when `done`. On an error the
-        failure is recorded in `out` too (`PreparedList.failed`), for the downloads waiting on a
-        shard that will not come, and raised."""
+        """Write the prepared shards in order, then the record; a no-op when `done`, and `done` after
+        unless stopped. On an error the failure is recorded in `out` too (`PreparedList.failed`),
+        for the downloads waiting on a shard that will not come, and raised."""
         if self.done:
             return
+        self.out.root.mkdir()  # once, for every file below (an empty list has only its record)
         try:
-            self._write_shards()
+            self.done = self._write_shards()
         except Exception as err:
             self.out.fail(err)
             raise
-        self.done = True
 
     def stop(self) -> None:
         """Stop `write()` at its next batch (the job ended early); the list is prepared again next run."""
         self._stop.set()
 
-    def _write_shards(self) -> None:
+    def _write_shards(self) -> bool:
+        """True once the record is written; False when stopped before."""
         schema = prepared_schema(self.spec).with_metadata({FINGERPRINT_KEY: self.identity.encode()})
         pending: list[pa.RecordBatch] = []
         held = shard = rows = 0
@@ -199,7 +201,7 @@ class ListPreparation:
             for batch in _read_parts(self.spec, self._parts, self._fmt):
                 while batch.num_rows:  # checked a shard's worth at a time: shard 00000 goes first
                     if self._stop.is_set():
-                        return
+                        return False
                     piece, batch = batch.slice(0, self.shard_size - held), batch.slice(self.shard_size - held)
                     rows += piece.num_rows
                     if rows > self.rows:
@@ -216,6 +218,7 @@ class ListPreparation:
             if held:
                 self.out.write_shard(shard, pa.Table.from_batches(pending, schema))
             self.out.write_record(self.identity, rows, repeats.count())
+        return True
 
     def _changed(self, read: str) -> str:
         return (

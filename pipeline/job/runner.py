@@ -91,13 +91,14 @@ def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, log: 
     layout.root.mkdir()
     fingerprint = spec.fingerprint()
     with ray_session(address):
+        downloaded = set(layout.downloaded_shards())  # one listing of downloads/ (on S3: requests)
         preparation = ListPreparation(
             spec.input,
             NetworkPolicy.of(spec.download),
             PreparedList(layout.prepared_input),
             spec.output.shard_size,
             spec.download_fingerprint(),
-            downloaded=bool(layout.downloaded_shards()),
+            downloaded=bool(downloaded),
         )
         rows = preparation.rows
         names = [shard_name(i) for i in range(math.ceil(rows / spec.output.shard_size))]
@@ -105,7 +106,6 @@ def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, log: 
         reports = layout.finished_reports(names, fingerprint)
         write_json_atomically(layout.manifest, build_manifest(spec, rows, names, reports, {}))
         pending = [n for n in names if n not in reports]
-        downloaded = set(layout.downloaded_shards())
         on_disk = sum(n in downloaded for n in pending)
         log(
             f"capfilt: {rows} input rows in {len(names)} shards: {len(reports)} already done, "
@@ -328,14 +328,15 @@ class _DownloadWithDeadline:
 
         shard = row["shard"]
         result = {"shard": shard, "download_error": "", "download_s": 0.0, "downloaded_at": 0.0}
-        if not self.download.done(shard):
+        on_disk = self.download.done(shard)  # nothing else downloads this shard: the answer holds
+        if not on_disk:
             try:  # before taking a slot: a shard not yet prepared holds no place in flight
                 self.download.wait_for_input(shard)
             except PrepareFailed as err:
                 return {**result, "download_error": str(err), "downloaded_at": time.time()}
         ray.get(self.slots.acquire.remote(shard))
         begun = time.perf_counter()
-        if not self.download.done(shard):
+        if not on_disk:
             attempt_task = _attempt_task(self.download.resources.cpus)
             reason = ""
             for attempt in range(1, self.plan.attempts + 1):
