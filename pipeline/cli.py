@@ -178,9 +178,10 @@ def _print_figures(table: str, figures: dict, json_file: str | None) -> int:
     """A benchmark's table on stdout and, with --json, its figures in a file."""
     import json
 
+    if json_file:  # first: a figure the table fails to format is not lost
+        Path(json_file).write_text(json.dumps(figures, indent=2) + "\n")
     print(table)
     if json_file:
-        Path(json_file).write_text(json.dumps(figures, indent=2) + "\n")
         print(f"figures written to {json_file}")
     return 0
 
@@ -198,6 +199,14 @@ def _bench_perf(args: argparse.Namespace) -> int:
     )
     report = run_perf(settings)
     return _print_figures(format_report(report), report, args.json)
+
+
+def _bench_engine(args: argparse.Namespace) -> int:
+    from pipeline.perf.engine_bench import EngineSettings, format_engine_report, run_engine_bench
+
+    settings = EngineSettings(work=Path(args.dir), architecture=args.architecture)
+    report = run_engine_bench(settings)
+    return _print_figures(format_engine_report(report), report, args.json)
 
 
 def _bench_stream(args: argparse.Namespace) -> int:
@@ -314,6 +323,16 @@ def _parser() -> argparse.ArgumentParser:
     perf.add_argument("--dir", default="capfilt-bench", help="work directory (jobs, models; reused)")
     perf.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     perf.set_defaults(handler=_bench_perf)
+
+    engine = bench.add_parser(
+        "engine", help="the CapFilt model work: FLOPs vs the minimum, vs the matmul rate, vs a plain HF loop"
+    )
+    engine.add_argument(
+        "--architecture", default="large", choices=["tiny", "base", "large"], help="BLIP sizes"
+    )
+    engine.add_argument("--dir", default="capfilt-bench", help="work directory (model checkpoints; reused)")
+    engine.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    engine.set_defaults(handler=_bench_engine)
 
     stream = bench.add_parser("stream", help="first shard against list length, download/model overlap, disk")
     stream.add_argument("--overlap-rows", type=int, default=20000, help="rows of the overlap measurement")

@@ -52,7 +52,8 @@ def test_device_normalisation_equals_blip_image_processor(tiny_models, stage):
     image, _ = render_scene(7, size=90)
     pre = PreprocessStage.for_model(str(tiny_models.captioner))
     pixels = torch.from_numpy(pre.decode(jpeg_bytes(image))[None].copy())
-    ours = stage.models.captioner_pixels(pixels)
+    ours, itm_input = stage.models.model_inputs(pixels)
+    assert itm_input is ours  # both processors agree: normalised once, for both models
     reference = AutoProcessor.from_pretrained(tiny_models.captioner)(
         images=Image.open(io.BytesIO(jpeg_bytes(image))), return_tensors="pt"
     ).pixel_values

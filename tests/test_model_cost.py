@@ -29,16 +29,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModelPaths:
     return write_architecture("tiny", tmp_path_factory.mktemp("cost") / "tiny")
 
 
-def _recording_generate(model: Any, shapes: list[tuple[int, ...]]) -> None:
-    """Wrap a model's own `generate` so the test sees the ids it returns (the stage keeps only text)."""
-    real = model.generate
+def _recording(decode: Any, shapes: list[tuple[int, ...]]) -> Any:
+    """Wrap a decode loop (`generate`, the stage's own decoder) so the test sees the ids it returns
+    (the stage keeps only text)."""
 
-    def generate(*args: Any, **kwargs: Any) -> torch.Tensor:
-        out = real(*args, **kwargs)
+    def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = decode(*args, **kwargs)
         shapes.append(tuple(out.shape))
         return out
 
-    model.generate = generate
+    return recorded
 
 
 def _eager_to_stop(captioner: Any) -> None:
@@ -53,9 +53,10 @@ def test_both_loops_generate_exactly_new_tokens(tiny: TinyModelPaths, new_tokens
     plain, stage = PlainLoop(tiny, new_tokens, "cpu"), capfilt_stage(tiny, new_tokens, "cpu")
     plain_shapes: list[tuple[int, ...]] = []
     stage_shapes: list[tuple[int, ...]] = []
-    for captioner, shapes in ((plain.captioner, plain_shapes), (stage.models.captioner, stage_shapes)):
+    for captioner in (plain.captioner, stage.models.captioner):
         _eager_to_stop(captioner)
-        _recording_generate(captioner, shapes)
+    plain.captioner.generate = _recording(plain.captioner.generate, plain_shapes)
+    stage.models.decoder = _recording(stage.models.decoder, stage_shapes)
     scores = plain(pixels)
     out = stage(chunk(pixels))
     # "a picture of " is [CLS] a picture of [SEP]; generate returns [DEC] a picture of + the new tokens

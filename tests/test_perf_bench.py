@@ -78,6 +78,7 @@ def test_bench_perf_runs_the_job_and_its_baselines_and_writes_every_figure(tmp_p
     assert list(report["peak_disk_mb"]) == ["100"] and report["peak_disk_mb"]["100"]["output"] > 0
     [cost] = report["model_cost"]
     assert cost["architecture"] == "tiny" and cost["ratio"] > 0
+    assert report["engine"]["architecture"] == "tiny" and report["engine"]["vs_plain_k5"] > 0
     # The runs it reports on: a complete job, run again over plain img2dataset's shards of the same
     # list (its own were deleted as it committed them).
     output = tmp_path / "work" / "rows-100" / "output"
@@ -85,3 +86,25 @@ def test_bench_perf_runs_the_job_and_its_baselines_and_writes_every_figure(tmp_p
     assert manifest["complete"] and manifest["input_rows"] == 100
     assert [p.name for p in (output / "downloads").glob("*.tar")] == ["00000.tar"]
     assert "ray tax" in capsys.readouterr().out
+
+
+ENGINE_KEYS = {"flops_ratio_k1", "flops_ratio_k5", "matmul_fraction", "vs_plain_k1", "vs_plain_k5"}
+ENGINE_KEYS |= {"own_vs_generate_tiny", "device"}
+
+
+def test_bench_engine_writes_the_issue_figures(tmp_path, capsys):
+    out = tmp_path / "engine.json"
+    assert (
+        main(["bench", "engine", "--architecture", "tiny", "--dir", str(tmp_path), "--json", str(out)]) == 0
+    )
+    engine = json.loads(out.read_text())["engine"]
+    assert set(engine) >= ENGINE_KEYS and engine["device"] == "cpu" and engine["architecture"] == "tiny"
+    assert 1.0 <= engine["flops_ratio_k5"] <= 1.2 and engine["minimum_flops_per_image_k5"] > 0
+    assert engine["achieved_gflops_k1"] == pytest.approx(
+        engine["flops_per_image_k1"] * engine["capfilt_images_per_s_k1"] / 1e9
+    )
+    assert engine["matmul_fraction"] == pytest.approx(engine["achieved_gflops_k1"] / engine["matmul_gflops"])
+    for k in (1, 5):
+        ratio = engine[f"capfilt_images_per_s_k{k}"] / engine[f"plain_images_per_s_k{k}"]
+        assert engine[f"vs_plain_k{k}"] == pytest.approx(ratio) and ratio > 0
+    assert "own decoder vs generate" in capsys.readouterr().out

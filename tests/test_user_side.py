@@ -38,7 +38,7 @@ from pipeline.core.storage import Location
 from pipeline.curate.model_check import check_model
 from pipeline.job.cluster_jobs import entrypoint
 from pipeline.job.output_guard import LOCK_NAME, capfilt_names, claim_output, lock_output
-from pipeline.spec.config import JobSpec, SpecError, job_schema, load_spec
+from pipeline.spec.config import CaptionerSpec, JobSpec, SpecError, job_schema, load_spec
 from pipeline.spec.layout import RETRY_DIR
 from tests.catalogue import ERROR, RUNS, Case, Section
 
@@ -295,7 +295,7 @@ def _pickle_checkpoint(user: User, case: Case) -> None:
 
     # The actor's loader refuses it too, as it would a hub model without safetensors weights.
     with pytest.raises(OSError, match=r"no file named model\.safetensors"):
-        _Models.load(user.models["pickled"], user.models["itm"])
+        _Models.load(CaptionerSpec(model=str(user.models["pickled"])), user.models["itm"])
 
 
 def _pickle_beside_safetensors(user: User, case: Case) -> None:
@@ -304,7 +304,7 @@ def _pickle_beside_safetensors(user: User, case: Case) -> None:
     model, marker = _hostile_checkpoint(user, "both-formats")
     (model / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
     user.runs("run", user.job({"captioner": {"model": str(model)}}))  # the checks let it through
-    assert _Models.load(str(model), user.models["itm"]).captioner is not None
+    assert _Models.load(CaptionerSpec(model=str(model)), user.models["itm"]).captioner is not None
     assert not marker.exists()
 
 
@@ -318,7 +318,9 @@ def _custom_code_checkpoint(user: User, case: Case) -> None:
     (model / "config.json").write_text(json.dumps(config))
     (model / "modeling_evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
     user.refused(case, "run", user.job({"captioner": {"model": str(model)}}))
-    _Models.load(str(model), user.models["itm"])  # were the check bypassed, the actor still runs none of it
+    _Models.load(
+        CaptionerSpec(model=str(model)), user.models["itm"]
+    )  # were the check bypassed, the actor still runs none of it
     assert not marker.exists()
 
 

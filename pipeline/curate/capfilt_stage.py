@@ -1,14 +1,16 @@
 """Stage 2: the CapFilt actor. One per GPU, holding the captioner and the ITM filter.
 
 Both models live in one actor so an image crosses the host-device boundary once. Per chunk:
-1. pixels (uint8) go to the device and are normalised there for each model;
+1. pixels (uint8) go to the device in one copy and are normalised there, once if both models'
+   processors agree;
 2. the captioner writes `num_captions` captions per image by nucleus sampling, prompted with
-   `prompt`; prompt and continuation are decoded together and the prompt cut off as a string, as
-   BLIP's code does (`blip_text`);
-3. the ITM model's vision tower runs once per image; its embedding is reused for the web caption
-   and every synthetic caption (the text encoder cross-attends to it). Each text is scored as BLIP
-   trained the weights: through `pre_caption`, with `[ENC]` as its first token (`filter.text_normalise`,
-   `filter.itm_first_token`); the match probability is softmax(itm_logits)[1].
+   `prompt`, through the own decode loop (`caption_decoder`: generate's tokens, each image's
+   cross-attention keys/values made once for its k captions); prompt and continuation are decoded
+   together and the prompt cut off as a string, as BLIP's code does (`blip_text`);
+3. the ITM model's vision tower runs once per image; its tokens are projected to the text encoder's
+   keys/values once and shared by the web caption and every synthetic caption (`itm_scorer`). Each
+   text is scored as BLIP trained the weights: through `pre_caption`, with `[ENC]` as its first token
+   (`filter.text_normalise`, `filter.itm_first_token`); the match probability is softmax(ITM logits)[1].
 It scores and does not decide: the threshold is applied by the writer, from the stored scores.
 On a machine without CUDA the same code runs on the CPU in float32. Attention runs through
 `scaled_dot_product_attention` (`pipeline.curate.attention`); docs/performance.md says what each of these
@@ -17,10 +19,11 @@ choices buys.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,9 +31,11 @@ from pipeline.core.resources import Resources
 from pipeline.core.timings import stopwatch
 from pipeline.curate.blip_text import caption_from_decoded, first_token_id, normalise_caption
 from pipeline.curate.chunks import Chunk
+from pipeline.curate.itm_scorer import ITM_MAX_TOKENS, ItmEncoder, TextGroups
 from pipeline.spec.config import CaptionerSpec, FilterSpec
 
-ITM_MAX_TOKENS = 35  # BLIP truncates text at 35 tokens for ITM; the stored caption stays whole
+if TYPE_CHECKING:  # transformers loads on the worker, not in the driver
+    from pipeline.curate.caption_decoder import CaptionDecoder
 NOT_SCORED = math.nan  # transport value for "not scored" (Arrow-typed, unlike None)
 
 
@@ -45,8 +50,16 @@ class CapFiltStage:
         self._first_token: int | None = None
 
     def setup(self) -> None:
-        self._models = _Models.load(self.captioner_spec.model, self.filter_spec.model)
+        self._models = _Models.load(self.captioner_spec, self.filter_spec.model)
         self._first_token = first_token_id(self._models.itm_tokenizer, self.filter_spec)
+
+    def with_captions(self, num_captions: int) -> CapFiltStage:
+        """This stage, set up, writing `num_captions` captions per image: the models are shared, not
+        loaded again (benchmarks compare k on one loaded pair)."""
+        captioner = dataclasses.replace(self.captioner_spec, num_captions=num_captions)
+        stage = CapFiltStage(captioner, self.filter_spec, self.resources)
+        stage._models, stage._first_token = self._models, self._first_token
+        return stage
 
     @property
     def device(self) -> str:
@@ -68,10 +81,10 @@ class CapFiltStage:
         k = self.captioner_spec.num_captions
         seed = chunk_seed(self.captioner_spec.seed, chunk["shard"], chunk["chunk"], chunk.get("part", ""))
         torch.manual_seed(seed)
-        pixels = torch.from_numpy(np.ascontiguousarray(chunk["pixels"][ok]))
         with torch.inference_mode():
+            captioner_input, itm_input = self.models.model_inputs(chunk["pixels"][ok])
             with stopwatch(result, "caption_s"):
-                captions = self.caption(pixels)
+                captions = self._caption(captioner_input)
             texts, owners = [], []
             for j, i in enumerate(ok):
                 web = chunk["captions"][i]
@@ -84,7 +97,7 @@ class CapFiltStage:
                     owners.append((i, c))
             position = {i: j for j, i in enumerate(ok)}
             with stopwatch(result, "itm_s"):
-                scores = self.itm(pixels, texts, [position[i] for i, _ in owners])
+                scores = self._itm(itm_input, texts, [position[i] for i, _ in owners])
         for (i, c), score in zip(owners, scores, strict=True):
             if c is None:
                 result["caption_itm"][i] = score
@@ -111,46 +124,57 @@ class CapFiltStage:
         }
 
     def caption(self, pixels: Any) -> list[str]:
-        """`num_captions` sampled captions per image, image-major, prompt removed."""
+        """`num_captions` sampled captions per image (uint8 NHWC on the host), image-major, prompt removed."""
+        return self._caption(self.models.model_inputs(pixels)[0])
+
+    def itm(self, pixels: Any, texts: list[str], image_index: list[int]) -> list[float]:
+        """Match probability of each text (as written) with its image, `pixels[image_index[i]]`."""
+        return self._itm(self.models.model_inputs(pixels)[1], texts, image_index)
+
+    def _caption(self, pixel_values: Any) -> list[str]:
+        import torch
+
+        from pipeline.curate.caption_decoder import SamplingRule
+
         m, spec = self.models, self.captioner_spec
-        prompt = m.captioner_tokenizer(spec.prompt, return_tensors="pt").input_ids
-        # BLIP's generate drops the prompt's trailing [SEP] and returns prompt + new tokens.
-        prefix = prompt.shape[1] - 1
-        out = m.captioner.generate(
-            pixel_values=m.captioner_pixels(pixels),
-            input_ids=prompt.repeat(pixels.shape[0], 1).to(m.device),
-            do_sample=True,
-            top_p=spec.top_p,
-            num_return_sequences=spec.num_captions,
-            repetition_penalty=spec.repetition_penalty,
-            min_length=spec.min_length,
-            max_length=spec.max_length,
-        )
+        prompt = m.captioner_tokenizer(spec.prompt).input_ids
+        if m.decoder is not None:
+            image_embeds = m.captioner.vision_model(pixel_values=pixel_values)[0]
+            out = m.decoder(image_embeds, prompt, spec.num_captions)
+        else:  # captioner.decoder: generate, transformers' loop, for comparison
+            out = m.captioner.generate(
+                pixel_values=pixel_values,
+                input_ids=torch.tensor([prompt], device=m.device).repeat(pixel_values.shape[0], 1),
+                **SamplingRule.for_captioner(spec).generate_kwargs(),
+                num_return_sequences=spec.num_captions,
+            )
         decode = functools.partial(
             m.captioner_tokenizer.batch_decode, skip_special_tokens=True, clean_up_tokenization_spaces=True
         )
-        [decoded_prompt] = decode(prompt[:, :prefix])
+        # BLIP's generate drops the prompt's trailing [SEP] and returns prompt + new tokens.
+        [decoded_prompt] = decode([prompt[:-1]])
         return [caption_from_decoded(text, decoded_prompt) for text in decode(out)]
 
-    def itm(self, pixels: Any, texts: list[str], image_index: list[int]) -> list[float]:
-        """Match probability of each text with its image; one vision pass per image. Texts are
-        batched shortest first, so a batch pads to its own longest text, not the chunk's."""
+    def _itm(self, pixel_values: Any, texts: list[str], image_index: list[int]) -> list[float]:
+        """Match probabilities; one vision pass per image, and each image's tokens projected to
+        cross-attention keys/values once for all of its texts (`itm_scorer`)."""
         import torch
 
         m = self.models
         texts = [normalise_caption(text, self.filter_spec) for text in texts]
-        image_embeds = m.itm_model.vision_model(pixel_values=m.itm_pixels(pixels))[0]
-        tokens = m.itm_tokenizer(texts, truncation=True, max_length=ITM_MAX_TOKENS).input_ids
-        order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
+        tokenize = functools.partial(m.itm_tokenizer, truncation=True, max_length=ITM_MAX_TOKENS)
+        groups = TextGroups(tokenize(texts).input_ids if texts else [], image_index, tokenize("").input_ids)
+        image_embeds = m.itm_model.vision_model(pixel_values=pixel_values)[0]
         scores = [0.0] * len(texts)
-        step = self.filter_spec.batch_size
-        for start in range(0, len(order), step):
-            batch = order[start : start + step]
-            embeds = image_embeds[torch.tensor([image_index[i] for i in batch], device=m.device)]
-            batch_texts = [texts[i] for i in batch]
-            logits = itm_logits(m.itm_model, m.itm_tokenizer, embeds, batch_texts, self._first_token)
-            for i, score in zip(batch, logits.float().softmax(dim=-1)[:, 1].tolist(), strict=True):
-                scores[i] = score
+        for batch in groups.batches(self.filter_spec.batch_size):
+            tokens = m.itm_tokenizer.pad({"input_ids": batch.token_ids}, return_tensors="pt").to(m.device)
+            if self._first_token is not None:
+                tokens.input_ids[:, 0] = self._first_token
+            embeds = image_embeds[torch.tensor(batch.images, device=m.device)]
+            logits = m.itm_encoder.logits(embeds, tokens.input_ids, tokens.attention_mask)
+            for row, score in zip(batch.texts, logits.float().softmax(dim=-1)[:, 1].tolist(), strict=True):
+                if row is not None:
+                    scores[row] = score
         return scores
 
 
@@ -189,11 +213,13 @@ def chunk_seed(seed: int, shard: str, chunk: int, part: str = "") -> int:
 
 
 class _Models:
-    """Both BLIP models with their processors, on one device, and the on-device normalisation."""
+    """Both BLIP models with their processors, on one device, the decode loop, and the on-device
+    normalisation."""
 
     def __init__(self, captioner: Any, captioner_processor: Any, itm_model: Any, itm_processor: Any,
-                 device: str, dtype: Any) -> None:  # fmt: skip
-        self.captioner, self.itm_model = captioner, itm_model
+                 device: str, dtype: Any, decoder: CaptionDecoder | None) -> None:  # fmt: skip
+        self.captioner, self.itm_model, self.decoder = captioner, itm_model, decoder
+        self.itm_encoder = ItmEncoder(itm_model)
         self.captioner_tokenizer = captioner_processor.tokenizer
         self.itm_tokenizer = itm_processor.tokenizer
         self.device, self.dtype = device, dtype
@@ -201,13 +227,16 @@ class _Models:
         self._itm_norm = Normaliser(itm_processor.image_processor, device, dtype)
 
     @classmethod
-    def load(cls, captioner_name: str, itm_name: str) -> _Models:
+    def load(cls, captioner_spec: CaptionerSpec, itm_name: str) -> _Models:
         """Both models and processors, by hub name or directory. Weights load from safetensors only:
         a pickle checkpoint (`pytorch_model.bin`) runs code when unpickled, so it is refused here
         even when `model_check` did not see it (a hub model); no model's own code is run either."""
         import torch
         from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
+        from pipeline.curate.caption_decoder import CaptionDecoder, SamplingRule
+
+        captioner_name = captioner_spec.model
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         captioner = BlipForConditionalGeneration.from_pretrained(
@@ -221,24 +250,40 @@ class _Models:
                 use_sdpa(model)
             except (ImportError, RuntimeError, OSError) as err:  # another transformers: eager, slower
                 print(f"capfilt: {type(model).__name__} keeps eager attention: {err}", flush=True)
+        captioner = captioner.to(device).eval()
+        decoder = None
+        if captioner_spec.decoder == "own":
+            decoder = CaptionDecoder(captioner, SamplingRule.for_captioner(captioner_spec))
+            if captioner_spec.compile:
+                decoder.compile_step()
         return cls(
-            captioner.to(device).eval(),
+            captioner,
             AutoProcessor.from_pretrained(captioner_name, use_safetensors=True),
             itm_model.to(device).eval(),
             AutoProcessor.from_pretrained(itm_name, use_safetensors=True),
             device,
             dtype,
+            decoder,
         )
 
-    def captioner_pixels(self, pixels: Any) -> Any:
-        return self._captioner_norm(pixels)
+    def model_inputs(self, pixels: Any) -> tuple[Any, Any]:
+        """The captioner's and the ITM model's pixel values of uint8 NHWC host images: one copy to the
+        device (from pinned memory on CUDA, so it can overlap), normalised once where both models'
+        processors agree (Salesforce's BLIP checkpoints all share 384 px and CLIP's mean/std)."""
+        import torch
 
-    def itm_pixels(self, pixels: Any) -> Any:
-        return self._itm_norm(pixels)
+        images = torch.from_numpy(np.ascontiguousarray(pixels)) if isinstance(pixels, np.ndarray) else pixels
+        if self.device == "cuda":
+            images = images.pin_memory()
+        images = images.to(self.device, non_blocking=True)
+        captioner_input = self._captioner_norm(images)
+        if self._itm_norm.same_as(self._captioner_norm):
+            return captioner_input, captioner_input
+        return captioner_input, self._itm_norm(images)
 
 
 class Normaliser:
-    """uint8 NHWC on the host -> normalised NCHW on the device, as BlipImageProcessor would do."""
+    """uint8 NHWC -> normalised NCHW on the device, as BlipImageProcessor would do."""
 
     def __init__(self, image_processor: Any, device: str, dtype: Any) -> None:
         import torch
@@ -248,6 +293,10 @@ class Normaliser:
         self.mean = torch.tensor(image_processor.image_mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(image_processor.image_std, device=device).view(1, 3, 1, 1)
         self.device, self.dtype = device, dtype
+
+    def same_as(self, other: Normaliser) -> bool:
+        return (self.size, self.scale, self.mean.tolist(), self.std.tolist()) == (
+            other.size, other.scale, other.mean.tolist(), other.std.tolist())  # fmt: skip
 
     def __call__(self, pixels: Any) -> Any:
         import torch.nn.functional as F

@@ -33,6 +33,7 @@ from pipeline.curate.tiny_models import IMAGE_SIZE, write_tiny_models
 from pipeline.perf.bare_loop import bare_images_per_s, decoded_chunks
 from pipeline.perf.bench_web import bench_site, bench_spec
 from pipeline.perf.disk_watch import DiskWatch
+from pipeline.perf.engine_bench import EngineSettings, format_engine_report, run_engine_bench
 from pipeline.perf.job_run import JobRun, rerun_over_downloads, run_watched
 from pipeline.perf.model_cost import compare
 from pipeline.perf.plain_download import plain_download_s
@@ -99,6 +100,9 @@ def run_perf(settings: PerfSettings, log: Any = print) -> dict[str, Any]:
                 cache_dir=settings.work / "architectures",
             )
         )
+    if settings.architectures:  # the engine's figures at the largest size asked for
+        engine = EngineSettings(settings.work, architecture=settings.architectures[-1])
+        report.update(run_engine_bench(engine, log))
     return report
 
 
@@ -236,4 +240,6 @@ def format_report(report: dict[str, Any]) -> str:
             f"{cost['capfilt_images_per_s']:.2f} vs plain HF {cost['plain_images_per_s']:.2f} images/s "
             f"= {cost['ratio']:.2f}x"
         )
+    if "engine" in report:
+        lines.append(format_engine_report(report))
     return "\n".join(lines)

@@ -13,6 +13,7 @@ that tokenizes back to one token and the ITM texts are as long as a real caption
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import tempfile
@@ -129,36 +130,74 @@ def write_architecture(name: str, out_dir: str | Path, seed: int = 0) -> TinyMod
 
 
 class PlainLoop:
-    """The model cards' code, batched: host preprocessing, default dtype (fp32), the ITM model called
-    once per caption. It runs under `no_grad`, so the ratio is not about a forgotten autograd graph."""
+    """The model cards' code, batched: host preprocessing, default dtype (fp32), `generate` with
+    `num_return_sequences` for k captions, then the ITM model called once per (image, text) pair. It runs
+    under `no_grad`, so the ratio is not about a forgotten autograd graph."""
 
-    def __init__(self, paths: TinyModelPaths, new_tokens: int, device: str) -> None:
+    def __init__(
+        self,
+        paths: TinyModelPaths,
+        new_tokens: int,
+        device: str,
+        captions: int = 1,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """`dtype`: the models' and pixels' (a GPU comparison runs both loops in bfloat16)."""
         self.processor = AutoProcessor.from_pretrained(paths.captioner)
         self.itm_processor = AutoProcessor.from_pretrained(paths.itm)
-        self.captioner = BlipForConditionalGeneration.from_pretrained(paths.captioner, use_safetensors=True)
-        self.itm = BlipForImageTextRetrieval.from_pretrained(paths.itm, use_safetensors=True)
+        self.captioner = BlipForConditionalGeneration.from_pretrained(
+            paths.captioner, dtype=dtype, use_safetensors=True
+        )
+        self.itm = BlipForImageTextRetrieval.from_pretrained(paths.itm, dtype=dtype, use_safetensors=True)
+        self.dtype = dtype
         self.captioner, self.itm = self.captioner.to(device), self.itm.to(device)
-        self.new_tokens, self.device = new_tokens, device
+        self.new_tokens, self.device, self.captions = new_tokens, device, captions
+
+    def with_captions(self, captions: int) -> PlainLoop:
+        """The same loop (the same loaded models) writing `captions` captions per image."""
+        loop = copy.copy(self)
+        loop.captions = captions
+        return loop
 
     def generate(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Token ids: the prompt less its [SEP], then exactly `new_tokens` sampled tokens."""
+        """Token ids, k rows per image: the prompt less its [SEP], then exactly `new_tokens` new tokens."""
         inputs = self.processor(images=images, text=[SAMPLING.prompt] * len(images), return_tensors="pt")
         n = self.new_tokens
-        return self.captioner.generate(**inputs.to(self.device), do_sample=True, top_p=SAMPLING.top_p,
-                                       repetition_penalty=SAMPLING.repetition_penalty,
-                                       min_new_tokens=n, max_new_tokens=n)  # fmt: skip
+        sampling = {
+            "do_sample": True,
+            "top_p": SAMPLING.top_p,
+            "repetition_penalty": SAMPLING.repetition_penalty,
+        }
+        return self.captioner.generate(
+            **self._on_device(inputs),
+            **sampling,
+            num_return_sequences=self.captions,
+            min_new_tokens=n,
+            max_new_tokens=n,
+        )
 
     @torch.no_grad()
     def __call__(self, pixels: np.ndarray) -> list[list[float]]:
         """Match probabilities of the web captions, then of the synthetic ones (prompt cut, as BLIP does)."""
         images = list(pixels)
         captions = self.processor.batch_decode(self.generate(images), skip_special_tokens=True)
+        synthetic = [c[len(SAMPLING.prompt) :] for c in captions]
         scores = []
-        for texts in (web_captions(len(images)), [c[len(SAMPLING.prompt) :] for c in captions]):
-            inputs = self.itm_processor(images=images, text=texts, padding=True, return_tensors="pt")
-            logits = self.itm(**inputs.to(self.device), use_itm_head=True).itm_score
+        pairs = [
+            (web_captions(len(images)), images),
+            (synthetic, [i for i in images for _ in range(self.captions)]),
+        ]
+        for texts, owners in pairs:
+            inputs = self.itm_processor(images=owners, text=texts, padding=True, return_tensors="pt")
+            logits = self.itm(**self._on_device(inputs), use_itm_head=True).itm_score
             scores.append(logits.softmax(dim=1)[:, 1].tolist())
         return scores
+
+    def _on_device(self, inputs: Any) -> dict[str, torch.Tensor]:
+        """The processor's tensors on the device, the pixels in the models' dtype."""
+        moved = dict(inputs.to(self.device))
+        moved["pixel_values"] = moved["pixel_values"].to(self.dtype)
+        return moved
 
 
 def load_stage(captioner: CaptionerSpec, filter: FilterSpec, device: str) -> CapFiltStage:
@@ -175,12 +214,17 @@ def load_stage(captioner: CaptionerSpec, filter: FilterSpec, device: str) -> Cap
     return stage
 
 
-def capfilt_stage(paths: TinyModelPaths, new_tokens: int, device: str) -> CapFiltStage:
-    """The actor with the pipeline's defaults and one caption of exactly `new_tokens` tokens per image:
-    min/max_length count what BLIP's `generate` returns before them, the tokenized prompt less its [SEP]."""
+def capfilt_stage(
+    paths: TinyModelPaths, new_tokens: int, device: str, captions: int = 1, decoder: str = "own"
+) -> CapFiltStage:
+    """The actor with the pipeline's defaults and `captions` captions of exactly `new_tokens` tokens per
+    image: min/max_length count what BLIP's `generate` returns before them, the prompt less its [SEP]."""
     prompt = AutoProcessor.from_pretrained(paths.captioner).tokenizer(SAMPLING.prompt).input_ids
     length = len(prompt) - 1 + new_tokens
-    captioner = replace(SAMPLING, model=str(paths.captioner), min_length=length, max_length=length)
+    lengths = {"min_length": length, "max_length": length}
+    captioner = replace(
+        SAMPLING, model=str(paths.captioner), num_captions=captions, decoder=decoder, **lengths
+    )
     return load_stage(captioner, FilterSpec(model=str(paths.itm)), device)
 
 
@@ -209,23 +253,27 @@ def capfilt_step(paths: TinyModelPaths, new_tokens: int, device: str) -> Step:
     return lambda pixels: stage(chunk(pixels))
 
 
-def timed(steps: dict[str, Step], batches: list[np.ndarray], device: str) -> dict[str, float]:
+def timed(
+    steps: dict[str, Step], batches: list[np.ndarray], device: str, warm_up: bool = True
+) -> dict[str, float]:
     """Images/s of each step over all batches, after an untimed warm-up on the first (lazy init, kernel
-    choice). The steps take turns batch by batch, so a shared machine's changing load weighs on all alike."""
-    for step in steps.values():
+    choice for its shapes; `warm_up=False` when the caller has run them on it already). The steps take
+    turns batch by batch, so a shared machine's changing load weighs on all alike."""
+    for step in steps.values() if warm_up else ():
         step(batches[0])
     seconds = dict.fromkeys(steps, 0.0)
     for b in batches:
         for name, step in steps.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             step(b)
-            _sync(device)
+            sync(device)
             seconds[name] += time.perf_counter() - start
     return {name: sum(len(b) for b in batches) / s for name, s in seconds.items()}
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
+    """Wait for the device's queued work (timing a GPU measures nothing otherwise)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -240,7 +288,9 @@ def compare(architecture: str, images: int, batch: int, new_tokens: int, device:
     cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "capfilt-model-cost"
     paths = write_architecture(architecture, cache / architecture)
     pixels = pixel_batches(images // batch, batch, ARCHITECTURES[architecture].image_size)
-    plain_loop, capfilt = PlainLoop(paths, new_tokens, device), capfilt_step(paths, new_tokens, device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # the actor's, on that device
+    plain_loop = PlainLoop(paths, new_tokens, device, dtype=dtype)
+    capfilt = capfilt_step(paths, new_tokens, device)
     rates = timed({"plain": plain_loop, "capfilt": capfilt}, pixels, device)
     return {"architecture": architecture, "device": device, "threads": torch.get_num_threads(),
             "batch": batch, "images": images, "new_tokens": new_tokens,

@@ -103,6 +103,8 @@ class CaptionerSpec:
     max_length: int = 20
     batch_size: int = 32
     seed: int = 0
+    decoder: str = "own"  # the project's decode loop; "generate": transformers' generate, for comparison
+    compile: bool = False  # torch.compile the decode step (own decoder); off, or failing: eager, logged
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,7 @@ class JobSpec:
 # upgrade. A setting added later goes here.
 _ADDED_LATER = {
     "input": ("extra_columns",),
+    "captioner": ("decoder", "compile"),
     "download": ("allowed_networks", "denied_networks", "max_body_bytes", "max_image_pixels"),
 }
 
