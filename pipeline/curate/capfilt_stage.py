@@ -48,17 +48,19 @@ class CapFiltStage:
         self.resources = resources
         self._models: _Models | None = None
         self._first_token: int | None = None
+        self._prompt: list[int] = []  # the prompt's token ids, with its [CLS] and [SEP]
 
     def setup(self) -> None:
         self._models = _Models.load(self.captioner_spec, self.filter_spec.model)
         self._first_token = first_token_id(self._models.itm_tokenizer, self.filter_spec)
+        self._prompt = self._models.captioner_tokenizer(self.captioner_spec.prompt).input_ids
 
     def with_captions(self, num_captions: int) -> CapFiltStage:
         """This stage, set up, writing `num_captions` captions per image: the models are shared, not
         loaded again (benchmarks compare k on one loaded pair)."""
         captioner = dataclasses.replace(self.captioner_spec, num_captions=num_captions)
         stage = CapFiltStage(captioner, self.filter_spec, self.resources)
-        stage._models, stage._first_token = self._models, self._first_token
+        stage._models, stage._first_token, stage._prompt = self._models, self._first_token, self._prompt
         return stage
 
     @property
@@ -136,8 +138,7 @@ class CapFiltStage:
 
         from pipeline.curate.caption_decoder import SamplingRule
 
-        m, spec = self.models, self.captioner_spec
-        prompt = m.captioner_tokenizer(spec.prompt).input_ids
+        m, spec, prompt = self.models, self.captioner_spec, self._prompt
         if m.decoder is not None:
             image_embeds = m.captioner.vision_model(pixel_values=pixel_values)[0]
             out = m.decoder(image_embeds, prompt, spec.num_captions)
@@ -162,8 +163,8 @@ class CapFiltStage:
 
         m = self.models
         texts = [normalise_caption(text, self.filter_spec) for text in texts]
-        tokenize = functools.partial(m.itm_tokenizer, truncation=True, max_length=ITM_MAX_TOKENS)
-        groups = TextGroups(tokenize(texts).input_ids if texts else [], image_index, tokenize("").input_ids)
+        tokens = m.itm_tokenizer(texts, truncation=True, max_length=ITM_MAX_TOKENS).input_ids if texts else []
+        groups = TextGroups(tokens, image_index, m.itm_filler)
         image_embeds = m.itm_model.vision_model(pixel_values=pixel_values)[0]
         scores = [0.0] * len(texts)
         for batch in groups.batches(self.filter_spec.batch_size):
@@ -178,38 +179,19 @@ class CapFiltStage:
         return scores
 
 
-def itm_logits(
-    itm_model: Any, tokenizer: Any, image_embeds: Any, texts: list[str], first_token: int | None
-) -> Any:
-    """ITM head logits (column 1 = match) of texts[i] against image_embeds[i], the vision tower's
-    output: BlipForImageTextRetrieval's ITM path without its vision pass, so one pass serves many texts.
-    `first_token` replaces the [CLS] in first position (BLIP's [ENC]); None keeps [CLS]. Texts come
-    normalised. The training of the shipped tiny models calls this too, so they learn exactly what is
-    scored here."""
-    import torch
-
-    device = image_embeds.device
-    tokens = tokenizer(
-        texts, padding="longest", truncation=True, max_length=ITM_MAX_TOKENS, return_tensors="pt"
-    ).to(device)
-    input_ids = tokens.input_ids
-    if first_token is not None:
-        input_ids[:, 0] = first_token
-    encoded = itm_model.text_encoder(
-        input_ids=input_ids,
-        attention_mask=tokens.attention_mask,
-        encoder_hidden_states=image_embeds,
-        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device),
-    ).last_hidden_state
-    return itm_model.itm_head(encoded[:, 0, :])
-
-
 def chunk_seed(seed: int, shard: str, chunk: int, part: str = "") -> int:
     """A sampling seed that depends only on the job's seed and the chunk's place in the data (and,
     for a chunk split after a failure, on which part of it this is: see `chunk_retry`)."""
     where = f"{seed}:{shard}:{chunk}" + (f":{part}" if part else "")
     digest = hashlib.sha256(where.encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def actor_dtype(device: str) -> Any:
+    """The models' dtype on a device: bfloat16 on CUDA, float32 on the CPU."""
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 class _Models:
@@ -222,9 +204,11 @@ class _Models:
         self.itm_encoder = ItmEncoder(itm_model)
         self.captioner_tokenizer = captioner_processor.tokenizer
         self.itm_tokenizer = itm_processor.tokenizer
+        self.itm_filler = self.itm_tokenizer("").input_ids  # the row of an image with fewer texts
         self.device, self.dtype = device, dtype
         self._captioner_norm = Normaliser(captioner_processor.image_processor, device, dtype)
-        self._itm_norm = Normaliser(itm_processor.image_processor, device, dtype)
+        itm_norm = Normaliser(itm_processor.image_processor, device, dtype)
+        self._itm_norm = None if itm_norm.settings == self._captioner_norm.settings else itm_norm
 
     @classmethod
     def load(cls, captioner_spec: CaptionerSpec, itm_name: str) -> _Models:
@@ -238,7 +222,7 @@ class _Models:
 
         captioner_name = captioner_spec.model
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        dtype = actor_dtype(device)
         captioner = BlipForConditionalGeneration.from_pretrained(
             captioner_name, dtype=dtype, use_safetensors=True
         )
@@ -277,7 +261,7 @@ class _Models:
             images = images.pin_memory()
         images = images.to(self.device, non_blocking=True)
         captioner_input = self._captioner_norm(images)
-        if self._itm_norm.same_as(self._captioner_norm):
+        if self._itm_norm is None:  # both processors agree
             return captioner_input, captioner_input
         return captioner_input, self._itm_norm(images)
 
@@ -290,13 +274,16 @@ class Normaliser:
 
         self.size = (image_processor.size["height"], image_processor.size["width"])
         self.scale = float(image_processor.rescale_factor)
+        # what the normalisation depends on, from the processor's config (no device round trip)
+        self.settings = (
+            self.size,
+            self.scale,
+            tuple(image_processor.image_mean),
+            tuple(image_processor.image_std),
+        )
         self.mean = torch.tensor(image_processor.image_mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(image_processor.image_std, device=device).view(1, 3, 1, 1)
         self.device, self.dtype = device, dtype
-
-    def same_as(self, other: Normaliser) -> bool:
-        return (self.size, self.scale, self.mean.tolist(), self.std.tolist()) == (
-            other.size, other.scale, other.mean.tolist(), other.std.tolist())  # fmt: skip
 
     def __call__(self, pixels: Any) -> Any:
         import torch.nn.functional as F

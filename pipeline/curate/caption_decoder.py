@@ -127,7 +127,6 @@ class CaptionDecoder:
     def __init__(self, captioner: torch.nn.Module, rule: SamplingRule) -> None:
         text = captioner.config.text_config
         decoder = captioner.text_decoder
-        self.embeddings = decoder.bert.embeddings
         self.word_embeddings = decoder.bert.embeddings.word_embeddings.weight
         self.position_embeddings = decoder.bert.embeddings.position_embeddings.weight
         self.embedding_norm = Norm.of(decoder.bert.embeddings.LayerNorm)
@@ -175,11 +174,11 @@ class CaptionDecoder:
             return tokens[:, :start]
         image_kv = project_image(self.layers, image_embeds)
         cache = self._new_cache(rows, length, image_embeds.dtype, device)
-        logits = self._prefill(prompt, image_kv, cache, k)
+        positions = torch.arange(length, device=device)
+        logits = self._prefill(prompt, positions[:start], image_kv, cache, k)
         choose = TokenChooser(rule, tokens[:, :start], self.vocab, self.eos)
         unfinished = torch.ones(rows, dtype=torch.bool, device=device)
         alive_until = torch.full((), start, dtype=torch.long, device=device)
-        positions = torch.arange(length, device=device)
         visible = (positions[None, :] <= positions[:, None]).view(length, 1, 1, 1, length)  # [p]: keys 0..p
         for cur in range(start, length):
             chosen = torch.where(unfinished, choose(logits.float(), cur), self.pad)
@@ -201,12 +200,17 @@ class CaptionDecoder:
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
 
     def _prefill(
-        self, prompt: torch.Tensor, image_kv: ImageKeysValues, cache: list[torch.Tensor], k: int
+        self,
+        prompt: torch.Tensor,
+        positions: torch.Tensor,
+        image_kv: ImageKeysValues,
+        cache: list[torch.Tensor],
+        k: int,
     ) -> torch.Tensor:
         """The prompt through the decoder once per image; its keys/values copied to the image's k rows.
         Returns the next-token logits of every row."""
         images, start = image_kv.images, prompt.shape[0]
-        hidden = self.embeddings(input_ids=prompt.expand(images, start))
+        hidden = self._embed(prompt.expand(images, start), positions)
         causal = torch.ones(start, start, dtype=torch.bool, device=prompt.device).tril()
         for layer, kv, keys, values in zip(self.layers, cache, image_kv.keys, image_kv.values, strict=True):
             query, key, value = layer.query_key_value(hidden)
@@ -227,8 +231,7 @@ class CaptionDecoder:
         """One token per row at `position` (a one-element device tensor): its keys/values written into
         the cache, attending to the cache positions `visible` marks (0..position); returns the next-token
         logits. The shapes are the same every call."""
-        words = F.embedding(chosen[:, None], self.word_embeddings)
-        hidden = self.embedding_norm(words + F.embedding(position, self.position_embeddings))
+        hidden = self._embed(chosen[:, None], position)
         for layer, kv, keys, values in zip(self.layers, cache, image_kv.keys, image_kv.values, strict=True):
             query, key, value = layer.query_key_value(hidden)
             kv[0].index_copy_(2, position, key)
@@ -236,6 +239,12 @@ class CaptionDecoder:
             hidden = layer.self_attend(hidden, query, kv[0], kv[1], visible)
             hidden = layer.feed_forward(layer.cross_attend(hidden, keys, values))
         return self._vocabulary(hidden)[:, 0]
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`BlipTextEmbeddings`: word + position embedding, then LayerNorm ((rows, tokens) ids, a
+        position per token)."""
+        words = F.embedding(ids, self.word_embeddings)
+        return self.embedding_norm(words + F.embedding(positions, self.position_embeddings))
 
     def _vocabulary(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head (`cls.predictions`): transform, activation, LayerNorm, then the vocabulary."""

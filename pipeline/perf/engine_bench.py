@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.curate.blip_text import normalise_caption
-from pipeline.curate.capfilt_stage import CapFiltStage
+from pipeline.curate.capfilt_stage import CapFiltStage, actor_dtype
 from pipeline.curate.caption_decoder import SamplingRule
 from pipeline.curate.itm_scorer import ITM_MAX_TOKENS
 from pipeline.perf.flops import counted_flops, minimum_flops
@@ -49,8 +49,9 @@ from pipeline.synthetic.trained import shipped_models
 class EngineSettings:
     work: Path
     architecture: str = "large"
-    images_k1: int = 4  # per timed measurement, in one batch
-    images_k5: int = 2  # the plain loop runs 6 vision passes an image at k=5: fewer, to stay within minutes
+    images_k1: int = 4  # per batch
+    images_k5: int = 2  # the plain loop runs 7 vision passes an image at k=5: fewer, to stay within minutes
+    batches_k1: int = 2  # timed batches, the two loops taking turns (k=5: one)
     new_tokens: int = 20
     tiny_images: int = 1  # 5 captions each
     tiny_rounds: int = 30
@@ -64,10 +65,11 @@ def run_engine_bench(settings: EngineSettings, log: Any = print) -> dict[str, An
     size = ARCHITECTURES[arch].image_size
     report: dict[str, Any] = {
         "device": _device_name(device),
-        "dtype": "bfloat16" if device == "cuda" else "float32",
+        "dtype": str(actor_dtype(device)).removeprefix("torch."),
         "architecture": arch,
         "images_k1": settings.images_k1,
         "images_k5": settings.images_k5,
+        "batches_k1": settings.batches_k1,
         "new_tokens": settings.new_tokens,
         "threads": torch.get_num_threads(),
     }
@@ -77,20 +79,20 @@ def run_engine_bench(settings: EngineSettings, log: Any = print) -> dict[str, An
     report["matmul_gflops"] = matmul_rate(vision.hidden, vision.mlp, image_tokens, device) / 1e9
     own = {1: capfilt_stage(paths, settings.new_tokens, device, captions=1)}
     own[5] = own[1].with_captions(5)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the actor's, on that device
+    dtype = actor_dtype(device)
     plain = {1: PlainLoop(paths, settings.new_tokens, device, captions=1, dtype=dtype)}
     plain[5] = plain[1].with_captions(5)
-    for k, images in ((1, settings.images_k1), (5, settings.images_k5)):
-        [batch] = pixel_batches(1, images, size, seed=k)
+    for k, images, rounds in ((1, settings.images_k1, settings.batches_k1), (5, settings.images_k5, 1)):
+        batches = pixel_batches(rounds, images, size, seed=k)
         log(f"engine: FLOPs per image, {k} caption(s), {images} images (the actor's warm-up) ...")
-        flops = actor_flops(own[k], batch, settings.new_tokens)
+        flops = actor_flops(own[k], batches[0], settings.new_tokens)
         report[f"flops_per_image_k{k}"] = flops["actual"]
         report[f"minimum_flops_per_image_k{k}"] = flops["minimum"]
         report[f"flops_ratio_k{k}"] = flops["actual"] / flops["minimum"]
         log(f"engine: the actor against the plain loop, {k} caption(s) ...")
         steps = {"plain": plain[k], "capfilt": lambda pixels, stage=own[k]: stage(chunk(pixels))}
-        plain[k](batch)  # the plain loop's warm-up, on the same shapes
-        rates = timed(steps, [batch], device, warm_up=False)
+        plain[k](batches[0])  # the plain loop's warm-up, on the same shapes
+        rates = timed(steps, batches, device, warm_up=False)
         report[f"plain_images_per_s_k{k}"] = rates["plain"]
         report[f"capfilt_images_per_s_k{k}"] = rates["capfilt"]
         report[f"vs_plain_k{k}"] = rates["capfilt"] / rates["plain"]
@@ -130,7 +132,7 @@ def matmul_rate(hidden: int, mlp: int, rows: int, device: str, seconds: float = 
     """FLOP/s of dense matmuls of a transformer layer's shapes (rows x hidden by hidden x 3 hidden,
     hidden x hidden, hidden x mlp, mlp x hidden), in the device's model dtype: what the hardware and
     BLAS reach on exactly the work that dominates the model."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = actor_dtype(device)
     shapes = [(hidden, 3 * hidden), (hidden, hidden), (hidden, mlp), (mlp, hidden)]
     pairs = [
         (torch.randn(rows, a, dtype=dtype, device=device), torch.randn(b, a, dtype=dtype, device=device))
@@ -213,7 +215,7 @@ def format_engine_report(report: dict[str, Any]) -> str:
             f" vs {e['minimum_flops_per_image_k1'] / 1e9:.1f} GFLOP)",
             f"  achieved {e['achieved_gflops_k1']:.1f} GFLOP/s of a {e['matmul_gflops']:.1f} GFLOP/s"
             f" matmul rate: fraction {e['matmul_fraction']:.2f}",
-            f"  vs plain HF loop (batches of {e['images_k1']} / {e['images_k5']} images):"
+            f"  vs plain HF loop ({e['batches_k1']} x {e['images_k1']} / 1 x {e['images_k5']} images):"
             f" k=1 {e['vs_plain_k1']:.2f}x ({e['capfilt_images_per_s_k1']:.3f} vs"
             f" {e['plain_images_per_s_k1']:.3f} images/s), k=5 {e['vs_plain_k5']:.2f}x"
             f" ({e['capfilt_images_per_s_k5']:.3f} vs {e['plain_images_per_s_k5']:.3f} images/s)",

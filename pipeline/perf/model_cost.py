@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from pipeline.core.resources import Resources
-from pipeline.curate.capfilt_stage import CapFiltStage
+from pipeline.curate.capfilt_stage import CapFiltStage, actor_dtype
 from pipeline.curate.chunks import Chunk
 from pipeline.curate.tiny_models import (
     CAPTIONER_DIR,
@@ -288,7 +288,7 @@ def compare(architecture: str, images: int, batch: int, new_tokens: int, device:
     cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "capfilt-model-cost"
     paths = write_architecture(architecture, cache / architecture)
     pixels = pixel_batches(images // batch, batch, ARCHITECTURES[architecture].image_size)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # the actor's, on that device
+    dtype = actor_dtype(device)
     plain_loop = PlainLoop(paths, new_tokens, device, dtype=dtype)
     capfilt = capfilt_step(paths, new_tokens, device)
     rates = timed({"plain": plain_loop, "capfilt": capfilt}, pixels, device)

@@ -25,10 +25,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
+from transformers import (
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    BlipProcessor,
+    PreTrainedTokenizerBase,
+)
 
 from pipeline.curate.blip_text import first_token_id, normalise_caption
-from pipeline.curate.capfilt_stage import Normaliser, itm_logits
+from pipeline.curate.capfilt_stage import Normaliser
+from pipeline.curate.itm_scorer import ITM_MAX_TOKENS
 from pipeline.curate.tiny_models import (
     CAPTIONER_DIR,
     ITM_DIR,
@@ -199,6 +206,34 @@ def _caption_loss(model: BlipForConditionalGeneration, processor: BlipProcessor,
                  labels=labels).loss  # fmt: skip
 
 
+def _itm_logits(
+    itm_model: BlipForImageTextRetrieval,
+    tokenizer: PreTrainedTokenizerBase,
+    image_embeds: torch.Tensor,
+    texts: list[str],
+    first_token: int | None,
+) -> torch.Tensor:
+    """ITM head logits (column 1 = match) of texts[i] against image_embeds[i], the vision tower's
+    output: BlipForImageTextRetrieval's ITM path without its vision pass, so one pass serves many texts.
+    `first_token` replaces the [CLS] in first position (BLIP's [ENC]); None keeps [CLS]. Texts come
+    normalised. Through transformers' modules, so gradients reach every weight; the actor scores
+    through `itm_scorer.ItmEncoder`, the same arithmetic (equal within 1e-5, tests/test_capfilt_stage.py)."""
+    device = image_embeds.device
+    tokens = tokenizer(
+        texts, padding="longest", truncation=True, max_length=ITM_MAX_TOKENS, return_tensors="pt"
+    ).to(device)
+    input_ids = tokens.input_ids
+    if first_token is not None:
+        input_ids[:, 0] = first_token
+    encoded = itm_model.text_encoder(
+        input_ids=input_ids,
+        attention_mask=tokens.attention_mask,
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device),
+    ).last_hidden_state
+    return itm_model.itm_head(encoded[:, 0, :])
+
+
 def _itm_loss(model: BlipForImageTextRetrieval, processor: BlipProcessor, pixel_values: torch.Tensor,
               scenes: list[Scene], rng: np.random.Generator) -> torch.Tensor:  # fmt: skip
     """One matched and one mismatched caption per image; the vision tower runs once per image."""
@@ -208,7 +243,7 @@ def _itm_loss(model: BlipForImageTextRetrieval, processor: BlipProcessor, pixel_
     labels = torch.tensor([1] * len(scenes) + [0] * len(scenes))
     image_embeds = model.vision_model(pixel_values=pixel_values)[0]
     first_token = first_token_id(processor.tokenizer, ITM_TEXT)
-    logits = itm_logits(
+    logits = _itm_logits(
         model, processor.tokenizer, torch.cat([image_embeds, image_embeds]), texts, first_token
     )
     return torch.nn.functional.cross_entropy(logits, labels)
