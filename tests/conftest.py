@@ -12,6 +12,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # botocore must never look for an instance role here
+# A stream that stops moving fails its job's shards after 5 minutes with Ray Data's account of which
+# operator stopped (no test's stream is still for more than a minute), not at pytest's timeout.
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
 
 from collections import Counter
 from collections.abc import Iterator

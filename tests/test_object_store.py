@@ -22,6 +22,7 @@ from pipeline.inspect.loader import CapFiltDataset
 from pipeline.job.rethreshold import rethreshold
 from pipeline.job.runner import run_job
 from pipeline.output.job_output import JobOutput, OutputError
+from pipeline.output.shard_writer import sample_record
 from pipeline.spec.config import SpecError, spec_from_dict
 from pipeline.spec.fates import Fate
 from pipeline.spec.layout import RETRY_DIR, OutputLayout
@@ -32,12 +33,15 @@ from tests.s3 import new_bucket, s3, upload
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # slow: moto's S3 and whole jobs on it
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture
 def fresh_ray(ray_local) -> None:
-    """A Ray started for this module. Twice (2026-12-06 and -07) the Ray of a whole-suite run, dozens
-    of jobs old, never answered one task or actor of a job here (the actor created, its readiness
-    never delivered), while shorter runs of this module passed: a stall of that long-lived Ray, not
-    of a job, and a `capfilt run` starts a Ray of its own."""
+    """A Ray of the test's own, for the tests that stream jobs. Three times (2026-12-06 and -07, then
+    CI on 12-07 with a Ray started for this module) a stream here never produced its first chunk:
+    twice the CapFilt actor was created and its readiness never delivered, the third time the fourth
+    stream of one Ray; shorter runs of this module pass (three in a row, and the whole suite up to it,
+    on 12-07). The cause is not found; a young Ray has not stalled. Should it stall again, Ray Data's
+    no-progress guard (300 s in tests, `conftest`) fails the job's shards naming the operators that
+    stopped, and the test fails with that instead of hanging."""
     start_local_ray()
 
 
@@ -71,8 +75,9 @@ def s3_spec(local_spec, url_list: str, out: str):
 
 
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory, web, tiny_models):
+def jobs(tmp_path_factory, web, tiny_models, ray_local):
     """The same job twice: URL list and output on S3 (run with `capfilt run`), and on local disk."""
+    start_local_ray()  # as `fresh_ray`, once for the module's jobs
     site, pairs = web
     site.add("/s3/missing.jpg", Route(status=404))
     rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:20]
@@ -105,7 +110,7 @@ def test_the_output_on_s3_reads_back_with_pyarrow_and_tarfile(jobs):
     assert Counter(name.partition(".")[0] for name in members) == Counter({k: 3 for k in kept})
     for key in kept:
         assert members[f"{key}.txt"].decode() == records[key]["selected_caption"]
-        assert json.loads(members[f"{key}.json"]) == json.loads(json.dumps(records[key]))
+        assert json.loads(members[f"{key}.json"]) == json.loads(json.dumps(sample_record(records[key])))
     every = s3().find(prefix)
     assert not [p for p in every if ".tmp" in p or "/_tmp" in p], every  # objects are written whole
 
@@ -202,7 +207,7 @@ def test_rethreshold_from_s3_to_s3_equals_the_local_rethreshold(jobs, tmp_path):
     assert any(" 0 to caption and filter" in line for line in logs), logs
 
 
-def test_retry_failed_on_s3_folds_the_rows_in(tmp_path, web, tiny_models, capsys):
+def test_retry_failed_on_s3_folds_the_rows_in(tmp_path, web, tiny_models, capsys, fresh_ray):
     site, pairs = web
     body = jpeg_bytes(render_scene(700)[0])
     site.add("/s3/flaky.jpg", Route(status=503))
