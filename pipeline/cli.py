@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import os
 import sys
@@ -134,7 +135,13 @@ def _rethreshold(args: argparse.Namespace) -> int:
     from pipeline.output.job_output import JobOutput
     from pipeline.output.summary import format_summary
 
-    manifest = rethreshold(JobOutput.open(args.out_dir), args.threshold, args.out)
+    output = JobOutput.open(args.out_dir)
+    keep = None
+    if (args.keep, args.k, args.by) != (None, None, None):
+        job = output.spec.filter.keep
+        given = {"rule": args.keep, "k": args.k, "by": args.by}
+        keep = dataclasses.replace(job, **{name: value for name, value in given.items() if value is not None})
+    manifest = rethreshold(output, args.threshold, args.out, keep)
     print(format_summary(manifest, args.out))
     return 0
 
@@ -273,7 +280,14 @@ def _parser() -> argparse.ArgumentParser:
         "rethreshold", help="write the output for another ITM threshold from the stored scores (no GPU)"
     )
     rethreshold.add_argument("out_dir", help="the job's output.path (left as it is)")
-    rethreshold.add_argument("--threshold", type=float, required=True, help="the new ITM threshold")
+    rethreshold.add_argument("--threshold", type=float, help="the new ITM threshold (default: the job's)")
+    rethreshold.add_argument(
+        "--keep",
+        choices=["threshold", "top_k"],
+        help="keep every passing caption, or the k best (filter.keep.rule)",
+    )
+    rethreshold.add_argument("--k", type=int, help="captions kept per image under --keep top_k")
+    rethreshold.add_argument("--by", choices=["itm", "itc"], help="what ranks the passing captions")
     rethreshold.add_argument("--out", required=True, help="a new directory for the new output")
     rethreshold.set_defaults(handler=_rethreshold)
 

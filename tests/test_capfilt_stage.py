@@ -93,6 +93,40 @@ def test_itm_scores_the_blip_way_one_vision_pass_for_many_texts(tiny_models, sta
     assert not np.allclose(ours, _reference_itm(tiny_models, chunk, RAW_TEXTS, None), atol=1e-3)
 
 
+def test_itc_and_image_embeddings_equal_the_plain_contrastive_forward(tiny_models, stage):
+    """ITC as BLIP trained it: the texts through pre_caption with the tokenizer's own [CLS] first (the
+    ITM's [ENC] does not leak in), the encoder without cross-attention; its cosine equals
+    `BlipForImageTextRetrieval(use_itm_head=False)`'s, and the stored embedding is that forward's
+    image feature in float16."""
+    chunk = _chunk(tiny_models, 3)
+    ours = stage.score(torch.from_numpy(chunk["pixels"]), RAW_TEXTS, OWNERS)
+    model = BlipForImageTextRetrieval.from_pretrained(tiny_models.itm).eval()
+    processor = AutoProcessor.from_pretrained(tiny_models.itm)
+    pixel_values = processor(
+        images=[Image.fromarray(p) for p in chunk["pixels"]], return_tensors="pt"
+    ).pixel_values
+    tokens = processor.tokenizer(
+        BLIP_TEXTS, padding=True, truncation=True, max_length=35, return_tensors="pt"
+    )
+    with torch.no_grad():
+        cosine = model(**tokens, pixel_values=pixel_values, use_itm_head=False).itm_score
+        image_feat = torch.nn.functional.normalize(
+            model.vision_proj(model.vision_model(pixel_values=pixel_values)[0][:, 0, :]), dim=-1
+        )
+    assert np.allclose(ours.itc, cosine[OWNERS, range(len(OWNERS))].numpy(), atol=1e-5)
+    assert ours.image_embeddings.dtype == np.float16
+    assert ours.image_embeddings.shape == (3, model.config.image_text_hidden_size)
+    assert np.allclose(ours.image_embeddings, image_feat.numpy(), atol=1e-3)
+    assert np.allclose(np.linalg.norm(ours.image_embeddings.astype(np.float32), axis=1), 1, atol=1e-2)
+    assert ours.itm == pytest.approx(stage.itm(torch.from_numpy(chunk["pixels"]), RAW_TEXTS, OWNERS))
+    # The [ENC] way would differ: ITC reads the [CLS], not the ITM's first token.
+    enc = processor.tokenizer.convert_tokens_to_ids("[ENC]")
+    tokens.input_ids[:, 0] = enc
+    with torch.no_grad():
+        with_enc = model(**tokens, pixel_values=pixel_values, use_itm_head=False).itm_score
+    assert not np.allclose(ours.itc, with_enc[OWNERS, range(len(OWNERS))].numpy(), atol=1e-3)
+
+
 def test_itm_scores_the_transformers_way_when_the_options_say_so(tiny_models):
     cls_way = CapFiltStage(
         CaptionerSpec(model=str(tiny_models.captioner)),
@@ -126,6 +160,15 @@ def test_chunk_is_captioned_and_scored(tiny_models, stage):
     assert all(math.isnan(s) for s in out["synthetic_itm"][1])  # not scored: the image did not decode
     assert 0.0 <= out["caption_itm"][0] <= 1.0
     assert math.isnan(out["caption_itm"][3])  # its web caption is blank
+    assert -1.0 <= out["caption_itc"][0] <= 1.0 and math.isnan(out["caption_itc"][3])
+    assert all(-1.0 <= s <= 1.0 for s in out["synthetic_itc"][0])
+    assert all(math.isnan(s) for s in out["synthetic_itc"][1])
+    # every decoded image has its embedding (even with a blank caption), the broken one none
+    assert [len(e) for e in out["image_embedding"]] == [
+        2 * stage.models.itm_encoder.embedding_size,
+        0,
+        *[2 * stage.models.itm_encoder.embedding_size] * 2,
+    ]
 
 
 def test_sampling_depends_on_the_chunk_not_on_the_call(tiny_models, stage):

@@ -21,6 +21,7 @@ from pipeline.spec.config import (
     CaptionerSpec,
     DownloadSpec,
     JobSpec,
+    KeepSpec,
     SpecError,
     load_spec,
     spec_from_dict,
@@ -107,7 +108,12 @@ def test_section_fields_and_defaults_do_not_drift(section):
     assert {n for n, f in fields.items() if has_default(f)} == {n for n, p in props.items() if "default" in p}
     assert body["additionalProperties"] is False
     for name, f in fields.items():
-        if f.default is not dataclasses.MISSING:
+        if dataclasses.is_dataclass(f.default):  # a nested section (filter.keep): its fields, the same way
+            nested = {g.name: g.default for g in dataclasses.fields(f.default)}
+            assert nested == props[name]["default"] and set(nested) == set(props[name]["properties"])
+            assert all(props[name]["properties"][n]["default"] == d for n, d in nested.items())
+            assert props[name]["additionalProperties"] is False
+        elif f.default is not dataclasses.MISSING:
             default = list(f.default) if isinstance(f.default, tuple) else f.default
             assert props[name]["default"] == default, f"{section}.{name}"
             assert type(props[name]["default"]) is type(default), f"{section}.{name}"
@@ -135,7 +141,7 @@ def test_a_minimal_spec_gets_every_default(url_list):
         ({"captioner": {"top_q": 0.9}}, [], "captioner.top_q: unknown key (did you mean 'top_p'?)"),
         ({"captionr": {}}, [], "captionr: unknown key (did you mean 'captioner'?)"),
         ({"zzz": {}}, [], "zzz: unknown key (allowed: captioner, download, filter, input, output, resources)"),
-        ({"filter": {"zzz": 1}}, [], "filter.zzz: unknown key (allowed: batch_size, itm_first_token, max_words, model, text_normalise, threshold)"),
+        ({"filter": {"zzz": 1}}, [], "filter.zzz: unknown key (allowed: batch_size, itm_first_token, keep, max_words, model, text_normalise, threshold)"),
         ({}, ["download.thread_cont=4"], "download.thread_cont: unknown key (did you mean 'thread_count'?)"),
         ({"captioner": {"num_captions": "three"}}, [], "captioner.num_captions: expected integer, got 'three'"),
         ({"captioner": {"num_captions": True}}, [], "captioner.num_captions: expected integer, got True"),
@@ -387,6 +393,11 @@ def test_cli_version_is_the_package_version():
         ({"resources": {"gpus_per_actor": 0.5, "cpus_per_actor": 4}}, False, False),
         ({"output": {"path": "elsewhere"}}, False, False),
         ({"filter": {"threshold": 0.5}}, False, False),  # the default, written out
+        ({"filter": {"keep": {"rule": "top_k", "k": 2}}}, True, False),
+        ({"filter": {"keep": {"by": "itc"}}}, True, False),
+        ({"filter": {"keep": {"rule": "threshold", "by": "itm"}}}, False, False),  # the default, written out
+        ({"output": {"image_embeddings": False}}, True, False),
+        ({"output": {"image_embeddings": True}}, False, False),
     ],
 )
 def test_fingerprint_follows_what_decides_the_output(url_list, sections, output_changes, download_changes):
@@ -396,6 +407,21 @@ def test_fingerprint_follows_what_decides_the_output(url_list, sections, output_
     assert spec_from_dict(build(url_list)).fingerprint() == base.fingerprint()  # deterministic
     assert (other.fingerprint() != base.fingerprint()) == output_changes
     assert (other.download_fingerprint() != base.download_fingerprint()) == download_changes
+
+
+def test_the_keep_rule_is_a_nested_section_checked_like_the_others(url_list):
+    spec = spec_from_dict(build(url_list, {"filter": {"keep": {"rule": "top_k", "k": 3, "by": "itc"}}}))
+    assert spec.filter.keep == KeepSpec(rule="top_k", k=3, by="itc")
+    assert typed_spec(spec.to_dict()) == spec  # read back from a manifest as it was written
+    assert spec_from_dict(build(url_list)).filter.keep == KeepSpec()
+    for keep, message in [
+        ({"rule": "best"}, r"filter\.keep\.rule"),
+        ({"k": 0}, r"filter\.keep\.k"),
+        ({"by": "clip"}, r"filter\.keep\.by"),
+        ({"top": 3}, r"filter\.keep.*top"),
+    ]:
+        with pytest.raises(SpecError, match=message):
+            spec_from_dict(build(url_list, {"filter": {"keep": keep}}))
 
 
 def test_paths_become_absolute_for_workers_and_hub_names_stay_names(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.curate.decide import SYNTHETIC, WEB, Candidate, candidates, decide
+from pipeline.spec.config import KeepSpec
 from pipeline.spec.fates import Fate, add_counts, count_fates
 
 FATES = ["kept", "filtered", "download_failed", "decode_failed", "invalid_input", "blocked"]
@@ -86,6 +87,38 @@ def test_kept_captions_are_sorted_best_first(scores, threshold, kept):
     got, selected = decide(found, threshold)
     assert [c.itm for c in got] == kept
     assert selected == (got[0].text if got else None)
+
+
+# web caption (itm 0.9, itc 0.2), then synthetic a..d: (itm, itc)
+RANKED = [("a", 0.6, 0.5), ("b", 0.95, 0.1), ("c", 0.4, 0.9), ("d", 0.7, 0.3)]
+
+
+@pytest.mark.parametrize(
+    ("keep", "threshold", "kept"),
+    [
+        (KeepSpec(), 0.5, ["b", "web", "d", "a"]),  # CapFilt's rule: every passing caption, by ITM
+        (KeepSpec(by="itc"), 0.5, ["a", "d", "web", "b"]),  # the same captions, by ITC ("c" fails ITM)
+        (KeepSpec(rule="top_k", k=2), 0.5, ["b", "web"]),
+        (KeepSpec(rule="top_k", k=2, by="itc"), 0.5, ["a", "d"]),  # the best ITC among those passing ITM
+        (KeepSpec(rule="top_k", k=10), 0.5, ["b", "web", "d", "a"]),  # k larger than what passes
+        (KeepSpec(rule="top_k", k=1, by="itc"), 0.0, ["c"]),
+        (KeepSpec(rule="top_k", k=3), 0.99, []),  # top-k never keeps a caption below the threshold
+    ],
+)
+def test_top_k_and_itc_ranking(keep, threshold, kept):
+    found = candidates(
+        "web", 0.9, [t for t, _, _ in RANKED], [m for _, m, _ in RANKED], 0.2, [c for _, _, c in RANKED]
+    )
+    got, selected = decide(found, threshold, keep)
+    assert [c.text for c in got] == kept
+    assert selected == (kept[0] if kept else None)
+
+
+def test_ranking_by_itc_needs_itc_scores():
+    found = candidates("a dog", 0.9, ["a cat"], [0.8])  # as a shard written before ITC stores them
+    assert decide(found, 0.5)[1] == "a dog"
+    with pytest.raises(ValueError, match="ranking by ITC needs ITC scores"):
+        decide(found, 0.5, KeepSpec(by="itc"))
 
 
 @pytest.mark.parametrize(

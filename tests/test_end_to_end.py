@@ -9,14 +9,18 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 import yaml
 from PIL import Image
+from transformers import BlipConfig
 
 from pipeline.cli import main
 from pipeline.job.runner import JobResult, run_job
+from pipeline.output.shard_writer import sample_record
 from pipeline.spec.config import SpecError
 from pipeline.spec.fates import Fate
 from pipeline.spec.layout import OutputLayout
@@ -90,8 +94,9 @@ def test_the_manifest_says_where_the_time_went(finished_job):
     assert timings["busy_s"]["caption"] + timings["busy_s"]["itm"] < timings["caption_filter_s"]
 
 
-def test_downloaded_rows_carry_captions_and_scores(finished_job):
+def test_downloaded_rows_carry_captions_and_scores(finished_job, tiny_models):
     result, _, _ = finished_job
+    size = BlipConfig.from_pretrained(tiny_models.itm).image_text_hidden_size
     scored = [r for r in read_records(result.layout) if r["status"] in (Fate.KEPT, Fate.FILTERED)]
     assert len(scored) >= 40
     for r in scored:
@@ -105,6 +110,23 @@ def test_downloaded_rows_carry_captions_and_scores(finished_job):
         kept_texts = {c["text"] for c in r["kept_captions"]}
         assert (r["status"] == Fate.KEPT) == bool(kept_texts)
         assert r["selected_caption"] is None or r["selected_caption"] in kept_texts
+        assert len(r["synthetic_itc"]) == 2 and all(-1 <= s <= 1 for s in r["synthetic_itc"])
+        assert (r["caption_itc"] is None) == (r["caption_itm"] is None)
+        assert len(r["image_embedding"]) == size and abs(np.linalg.norm(r["image_embedding"]) - 1) < 1e-2
+
+
+def test_every_scored_image_has_its_embedding_in_a_fixed_size_column(finished_job, tiny_models):
+    """One Arrow type in every shard (a fixed-size float16 list of the checkpoint's size), so the shards
+    read as one table; null where nothing was scored."""
+    result, _, _ = finished_job
+    size = BlipConfig.from_pretrained(tiny_models.itm).image_text_hidden_size
+    table = pa.concat_tables([pq.read_table(p) for p in result.layout.shard_parquets()])
+    assert table.schema.field("image_embedding").type == pa.list_(pa.float16(), size)
+    embeddings = table.column("image_embedding").to_pylist()
+    scored = [s in (Fate.KEPT, Fate.FILTERED) for s in table.column("status").to_pylist()]
+    assert [e is not None for e in embeddings] == scored
+    vectors = np.array([e for e in embeddings if e is not None], dtype=np.float32)
+    assert len(np.unique(vectors.round(2), axis=0)) == len(vectors)  # one per image, not one for all
 
 
 def test_the_tar_holds_exactly_the_kept_rows_and_webdataset_reads_it(finished_job):
@@ -117,7 +139,7 @@ def test_the_tar_holds_exactly_the_kept_rows_and_webdataset_reads_it(finished_jo
     for s in samples:
         record = records[s["__key__"]]
         assert s["txt"] == record["selected_caption"]
-        assert s["json"] == json.loads(json.dumps(record))
+        assert s["json"] == json.loads(json.dumps(sample_record(record)))
         image = Image.open(io.BytesIO(s["jpg"])) if isinstance(s["jpg"], bytes) else s["jpg"]
         assert image.size == (record["width"], record["height"])
 

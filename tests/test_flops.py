@@ -43,3 +43,17 @@ def test_actor_does_little_beyond_the_minimum_and_generate_does_more(tiny_archit
     assert own["minimum"] == generate["minimum"]
     # generate projects each image's tokens for each of its 5 captions, and runs the prompt 5 times
     assert generate["actual"] > own["actual"] * 1.05
+
+
+def test_itc_minimum_is_what_flop_counter_counts(tiny_architecture):
+    stage = capfilt_stage(tiny_architecture, 6, "cpu")
+    encoder, config = stage.models.itm_encoder, stage.models.itm_model.config
+    sizes = Sizes.of(config)
+    ids = torch.tensor([stage.models.itm_tokenizer("a red circle on white").input_ids])
+    with torch.inference_mode():
+        text = counted_flops(lambda: encoder.text_features(ids, torch.ones_like(ids)))
+        embeds = torch.randn(2, sizes.image_tokens, sizes.vision_hidden)
+        image = counted_flops(lambda: encoder.image_features(embeds))
+    tokens = ids.shape[1]
+    assert text == tokens * sizes.unimodal_text_token(tokens) + 2 * sizes.text_hidden * sizes.embedding
+    assert image == 2 * 2 * sizes.vision_hidden * sizes.embedding

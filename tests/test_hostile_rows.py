@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.job.runner import JobResult, run_job
+from pipeline.output.shard_writer import sample_record
 from pipeline.spec.fates import Fate
 from pipeline.spec.records import SHARD_SCHEMA
 from pipeline.synthetic.sample_web import Route, jpeg_bytes, render_scene
@@ -201,7 +202,7 @@ def _scored(row: dict[str, Any]) -> None:
 def _in_tar(jobs: RowsJobs, row: dict[str, Any]) -> dict[str, Any]:
     """The row's sample: its KEY.json is its record, its KEY.txt the selected caption."""
     sample = jobs.samples[(row["url"], row["key"])]
-    assert sample["json"] == json.loads(json.dumps(row))
+    assert sample["json"] == json.loads(json.dumps(sample_record(row)))
     assert sample["txt"] == row["selected_caption"].encode()
     return sample
 

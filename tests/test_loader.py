@@ -104,6 +104,30 @@ def test_the_policy_gives_no_caption_to_a_sample_without_one_of_its_source(tmp_p
     assert CapFiltDataset(tar, policy="web_only").caption(record) == "a web one"
 
 
+def test_rank_by_ranks_the_kept_captions_by_either_score(tmp_path):
+    tar = tmp_path / "a.tar"
+    tar.touch()
+    record = {
+        "key": "k",
+        "selected_caption": "a web one",
+        "kept_captions": [
+            {"text": "a web one", "source": "web", "itm": 0.9, "itc": 0.1},
+            {"text": "a synthetic one", "source": "synthetic", "itm": 0.8, "itc": 0.4},
+            {"text": "another", "source": "synthetic", "itm": 0.7, "itc": 0.5},
+        ],
+    }
+    assert CapFiltDataset(tar).caption(record) == "a web one"  # the job's order
+    assert CapFiltDataset(tar, rank_by="itm").caption(record) == "a web one"
+    assert CapFiltDataset(tar, rank_by="itc").caption(record) == "another"
+    assert CapFiltDataset(tar, policy="synthetic_only").caption(record) == "a synthetic one"
+    assert CapFiltDataset(tar, policy="synthetic_only", rank_by="itc").caption(record) == "another"
+    old = {**record, "kept_captions": [{"text": "a web one", "source": "web", "itm": 0.9}]}
+    with pytest.raises(ValueError, match="sample k: its kept captions have no itc score"):
+        CapFiltDataset(tar, rank_by="itc").caption(old)
+    with pytest.raises(ValueError, match="rank_by must be"):
+        CapFiltDataset(tar, rank_by="clip")
+
+
 def test_random_kept_picks_among_kept_captions_anew_each_epoch(curated_job):
     kept = kept_rows(curated_job)
     several = {key for key, row in kept.items() if len(row["kept_captions"]) >= 2}

@@ -89,7 +89,7 @@ def test_bench_perf_runs_the_job_and_its_baselines_and_writes_every_figure(tmp_p
 
 
 ENGINE_KEYS = {"flops_ratio_k1", "flops_ratio_k5", "matmul_fraction", "vs_plain_k1", "vs_plain_k5"}
-ENGINE_KEYS |= {"own_vs_generate_tiny", "device"}
+ENGINE_KEYS |= {"own_vs_generate_tiny", "device", "itc_share_k1", "itc_share_k5"}
 
 
 def test_bench_engine_writes_the_issue_figures(tmp_path, capsys):
@@ -107,4 +107,6 @@ def test_bench_engine_writes_the_issue_figures(tmp_path, capsys):
     for k in (1, 5):
         ratio = engine[f"capfilt_images_per_s_k{k}"] / engine[f"plain_images_per_s_k{k}"]
         assert engine[f"vs_plain_k{k}"] == pytest.approx(ratio) and ratio > 0
-    assert "own decoder vs generate" in capsys.readouterr().out
+    assert all(0 < engine[f"itc_share_k{k}"] < 1 for k in (1, 5))
+    printed = capsys.readouterr().out
+    assert "own decoder vs generate" in printed and "ITC's share of the actor's time" in printed

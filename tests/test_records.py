@@ -9,13 +9,14 @@ import pyarrow as pa
 import pytest
 
 from pipeline.spec.fates import Fate
-from pipeline.spec.records import COLUMN_DOCS, SHARD_SCHEMA, describe_schema, shard_schema
+from pipeline.spec.records import COLUMN_DOCS, SHARD_SCHEMA, describe_schema, embedding_size_of, shard_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD_SCHEMA_FILE = ROOT / "schemas" / "shard.schema.json"
 COLUMNS = [
     "key", "url", "caption", "status", "error", "width", "height", "sha256",
     "synthetic_captions", "caption_itm", "synthetic_itm", "kept_captions", "selected_caption",
+    "caption_itc", "synthetic_itc", "image_embedding",
 ]  # fmt: skip
 
 
@@ -47,8 +48,11 @@ def test_columns_are_the_contract_in_order():
         ("synthetic_captions", pa.list_(pa.string()), True),
         ("caption_itm", pa.float32(), True),
         ("synthetic_itm", pa.list_(pa.float32()), True),
-        ("kept_captions", pa.list_(pa.struct([("text", pa.string()), ("source", pa.string()), ("itm", pa.float32())])), True),
+        ("kept_captions", pa.list_(pa.struct([("text", pa.string()), ("source", pa.string()), ("itm", pa.float32()), ("itc", pa.float32())])), True),
         ("selected_caption", pa.string(), True),
+        ("caption_itc", pa.float32(), True),
+        ("synthetic_itc", pa.list_(pa.float32()), True),
+        ("image_embedding", pa.list_(pa.float16(), 256), True),
     ],
 )  # fmt: skip
 def test_column_types(column, arrow_type, nullable):
@@ -75,4 +79,7 @@ def test_extra_columns_are_strings_after_the_fixed_columns():
     assert schema.names == [*COLUMNS, "source", "licence"]
     assert schema.field("licence").type == pa.string() and schema.field("licence").nullable
     assert shard_schema() == SHARD_SCHEMA
+    # the embedding's size is the ITM checkpoint's (tiny models have small ones)
+    assert shard_schema([], 32).field("image_embedding").type == pa.list_(pa.float16(), 32)
+    assert embedding_size_of(shard_schema([], 32)) == 32 and embedding_size_of(pa.schema([])) is None
     assert "extra_columns" in describe_schema()["extra_columns"]

@@ -33,7 +33,11 @@ def test_the_jobs_own_threshold_reproduces_its_shards_byte_for_byte(curated_job,
     manifest = json.loads(new.manifest.read_text())
     assert manifest["counts"] == curated_job.manifest["counts"] and manifest["complete"]
     assert manifest["duplicate_urls"] == curated_job.manifest["duplicate_urls"] == 0
-    assert manifest["rethresholded_from"] == {"path": str(source.root.resolve()), "threshold": 0.5}
+    assert manifest["rethresholded_from"] == {
+        "path": str(source.root.resolve()),
+        "threshold": 0.5,
+        "keep": {"rule": "threshold", "k": 1, "by": "itm"},
+    }
     for raw in source.downloads.iterdir():  # hard links: no space spent, and OUT's later changes stay OUT's
         assert os.path.samefile(raw, new.downloads / raw.name), raw.name
 
@@ -64,6 +68,35 @@ def test_higher_thresholds_keep_fewer_and_account_for_every_row(curated_job, tmp
         kept_counts.append(manifest["counts"]["kept"])
     assert kept_counts == sorted(kept_counts, reverse=True)
     assert kept_counts[0] > kept_counts[-2] > kept_counts[-1] == 0
+
+
+def test_top_k_by_itc_keeps_the_best_itc_caption_that_passes_itm(curated_job, tmp_path):
+    """BLIP-2's "sample many, keep the best", from the stored scores: the same rows kept as the job (a
+    row keeps a caption iff one passes), each with the single passing caption of highest ITC."""
+    out = tmp_path / "top1"
+    args = ["rethreshold", str(curated_job.layout.root), "--keep", "top_k", "--k", "1", "--by", "itc"]
+    assert main([*args, "--out", str(out)]) == 0
+    original = {r["key"]: r for r in read_records(curated_job.layout)}
+    records = {r["key"]: r for r in read_records(OutputLayout(out))}
+    assert {k: r["status"] for k, r in records.items()} == {k: r["status"] for k, r in original.items()}
+    several = 0
+    for key, r in records.items():
+        if r["status"] != Fate.KEPT:
+            continue
+        passing = [c for c in original[key]["kept_captions"]]
+        several += len(passing) > 1
+        best = max(passing, key=lambda c: c["itc"])
+        assert r["kept_captions"] == [best] and r["selected_caption"] == best["text"]
+    assert several >= 5  # the rule had a choice to make
+    changed = sum(records[k]["selected_caption"] != original[k]["selected_caption"] for k in records)
+    assert changed > 0  # ITC and ITM disagree somewhere: --by is not a no-op
+    spec = JobOutput.open(out).spec.filter.keep
+    assert (spec.rule, spec.k, spec.by) == ("top_k", 1, "itc")
+    texts = {
+        s["__key__"]: s["txt"].decode()
+        for s in wds.WebDataset(sorted(map(str, OutputLayout(out).shards.glob("*.tar"))), shardshuffle=False)
+    }
+    assert texts == {k: r["selected_caption"] for k, r in records.items() if r["status"] == Fate.KEPT}
 
 
 def test_a_lower_threshold_keeps_images_the_job_filtered_with_their_pictures(curated_job, tmp_path):
@@ -124,6 +157,8 @@ def test_refusals_name_what_is_wrong(curated_job, tmp_path, capsys):
         (["--threshold", "1.5", "--out", str(tmp_path / "a")], "--threshold: 1.5 is not an ITM probability"),
         (["--threshold", "0.6", "--out", source], "must be a new directory"),
         (["--threshold", "0.6", "--out", str(tmp_path / "full")], "not empty"),
+        (["--out", str(tmp_path / "a")], "name what changes"),
+        (["--keep", "top_k", "--k", "0", "--out", str(tmp_path / "a")], "--k: 0"),
     ]
     for args, message in cases:
         assert main(["rethreshold", source, *args]) == 2

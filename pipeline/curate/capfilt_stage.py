@@ -10,7 +10,9 @@ Both models live in one actor so an image crosses the host-device boundary once.
 3. the ITM model's vision tower runs once per image; its tokens are projected to the text encoder's
    keys/values once and shared by the web caption and every synthetic caption (`itm_scorer`). Each
    text is scored as BLIP trained the weights: through `pre_caption`, with `[ENC]` as its first token
-   (`filter.text_normalise`, `filter.itm_first_token`); the match probability is softmax(ITM logits)[1].
+   (`filter.text_normalise`, `filter.itm_first_token`); the match probability is softmax(ITM logits)[1];
+4. the same checkpoint's contrastive side: each image's ITC embedding (projected, normalised [CLS] of
+   the vision tower ITM already ran) and each text's ITC cosine similarity with it (`itm_scorer`).
 It scores and does not decide: the threshold is applied by the writer, from the stored scores.
 On a machine without CUDA the same code runs on the CPU in float32. Attention runs through
 `scaled_dot_product_attention` (`pipeline.curate.attention`); docs/performance.md says what each of these
@@ -33,6 +35,7 @@ from pipeline.curate.blip_text import caption_from_decoded, first_token_id, norm
 from pipeline.curate.chunks import Chunk
 from pipeline.curate.itm_scorer import ITM_MAX_TOKENS, ItmEncoder, TextGroups
 from pipeline.spec.config import CaptionerSpec, FilterSpec
+from pipeline.spec.records import EMBEDDING_DTYPE
 
 if TYPE_CHECKING:  # transformers loads on the worker, not in the driver
     from pipeline.curate.caption_decoder import CaptionDecoder
@@ -99,12 +102,14 @@ class CapFiltStage:
                     owners.append((i, c))
             position = {i: j for j, i in enumerate(ok)}
             with stopwatch(result, "itm_s"):
-                scores = self._itm(itm_input, texts, [position[i] for i, _ in owners])
-        for (i, c), score in zip(owners, scores, strict=True):
+                scores = self._score(itm_input, texts, [position[i] for i, _ in owners])
+        for (i, c), itm, itc in zip(owners, scores.itm, scores.itc, strict=True):
             if c is None:
-                result["caption_itm"][i] = score
+                result["caption_itm"][i], result["caption_itc"][i] = itm, itc
             else:
-                result["synthetic_itm"][i][c] = score
+                result["synthetic_itm"][i][c], result["synthetic_itc"][i][c] = itm, itc
+        for j, i in enumerate(ok):
+            result["image_embedding"][i] = scores.image_embeddings[j].tobytes()
         return result
 
     def unscored(self, chunk: Chunk) -> Chunk:
@@ -119,6 +124,9 @@ class CapFiltStage:
             "synthetic_captions": [[""] * k for _ in range(n)],
             "caption_itm": [NOT_SCORED] * n,
             "synthetic_itm": [[NOT_SCORED] * k for _ in range(n)],
+            "caption_itc": [NOT_SCORED] * n,
+            "synthetic_itc": [[NOT_SCORED] * k for _ in range(n)],
+            "image_embedding": [b""] * n,  # float16 bytes (`EMBEDDING_DTYPE`); empty: not scored
             # Seconds in caption() and itm(); both end with their results on the host, so a GPU's
             # queued work is counted where it ran.
             "caption_s": 0.0,
@@ -131,7 +139,11 @@ class CapFiltStage:
 
     def itm(self, pixels: Any, texts: list[str], image_index: list[int]) -> list[float]:
         """Match probability of each text (as written) with its image, `pixels[image_index[i]]`."""
-        return self._itm(self.models.model_inputs(pixels)[1], texts, image_index)
+        return self.score(pixels, texts, image_index).itm
+
+    def score(self, pixels: Any, texts: list[str], image_index: list[int]) -> TextScores:
+        """ITM and ITC scores of each text (as written) with its image, and the images' embeddings."""
+        return self._score(self.models.model_inputs(pixels)[1], texts, image_index)
 
     def _caption(self, pixel_values: Any) -> list[str]:
         import torch
@@ -156,27 +168,43 @@ class CapFiltStage:
         [decoded_prompt] = decode([prompt[:-1]])
         return [caption_from_decoded(text, decoded_prompt) for text in decode(out)]
 
-    def _itm(self, pixel_values: Any, texts: list[str], image_index: list[int]) -> list[float]:
-        """Match probabilities; one vision pass per image, and each image's tokens projected to
-        cross-attention keys/values once for all of its texts (`itm_scorer`)."""
+    def _score(self, pixel_values: Any, texts: list[str], image_index: list[int]) -> TextScores:
+        """One vision pass per image, and each image's tokens projected to cross-attention keys/values
+        once for all of its texts (`itm_scorer`); ITC reads the same tokens with their own [CLS]
+        before ITM's first token replaces it."""
         import torch
 
-        m = self.models
+        m, encoder = self.models, self.models.itm_encoder
         texts = [normalise_caption(text, self.filter_spec) for text in texts]
         tokens = m.itm_tokenizer(texts, truncation=True, max_length=ITM_MAX_TOKENS).input_ids if texts else []
         groups = TextGroups(tokens, image_index, m.itm_filler)
         image_embeds = m.itm_model.vision_model(pixel_values=pixel_values)[0]
-        scores = [0.0] * len(texts)
+        image_features = encoder.image_features(image_embeds)
+        itm, itc = [0.0] * len(texts), [0.0] * len(texts)
         for batch in groups.batches(self.filter_spec.batch_size):
             tokens = m.itm_tokenizer.pad({"input_ids": batch.token_ids}, return_tensors="pt").to(m.device)
+            text_features = encoder.text_features(tokens.input_ids, tokens.attention_mask)
             if self._first_token is not None:
                 tokens.input_ids[:, 0] = self._first_token
-            embeds = image_embeds[torch.tensor(batch.images, device=m.device)]
-            logits = m.itm_encoder.logits(embeds, tokens.input_ids, tokens.attention_mask)
-            for row, score in zip(batch.texts, logits.float().softmax(dim=-1)[:, 1].tolist(), strict=True):
+            images = torch.tensor(batch.images, device=m.device)
+            logits = encoder.logits(image_embeds[images], tokens.input_ids, tokens.attention_mask)
+            per_image = len(batch.texts) // len(batch.images)
+            similarity = (text_features * image_features[images].repeat_interleave(per_image, dim=0)).sum(-1)
+            match = logits.float().softmax(dim=-1)[:, 1]
+            for row, p, s in zip(batch.texts, match.tolist(), similarity.tolist(), strict=True):
                 if row is not None:
-                    scores[row] = score
-        return scores
+                    itm[row], itc[row] = p, s
+        return TextScores(itm, itc, image_features.cpu().numpy().astype(EMBEDDING_DTYPE))
+
+
+@dataclasses.dataclass(frozen=True)
+class TextScores:
+    """Per text, its ITM match probability and ITC cosine similarity with its image; per image, its
+    ITC embedding (images x the checkpoint's embedding size, float16, as the shard stores it)."""
+
+    itm: list[float]
+    itc: list[float]
+    image_embeddings: np.ndarray
 
 
 def chunk_seed(seed: int, shard: str, chunk: int, part: str = "") -> int:

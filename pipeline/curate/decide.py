@@ -1,14 +1,18 @@
-"""The keep rule: from stored ITM scores to kept captions. No model, no GPU.
+"""The keep rule: from stored scores to kept captions. No model, no GPU.
 
 CapFilt scores every candidate caption (the web alt-text and each synthetic caption) and keeps
-those whose ITM match probability is at least the threshold (BLIP's rule: >= 0.5). The scores are
-stored with the output, so a new threshold is a re-run of this function, not of the GPUs.
+those whose ITM match probability is at least the threshold (BLIP's rule: >= 0.5). `filter.keep`
+may rank them by ITC instead of ITM, and keep only the k best (BLIP-2's "sample many, keep the
+best"). The scores are stored with the output, so a new rule is a re-run of this function, not of
+the GPUs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from pipeline.spec.config import CAPFILT_KEEP, KeepSpec
 
 WEB = "web"
 SYNTHETIC = "synthetic"
@@ -19,6 +23,7 @@ class Candidate:
     text: str
     source: str  # WEB or SYNTHETIC
     itm: float
+    itc: float | None = None  # None in shards written before ITC was scored
 
 
 def candidates(
@@ -26,18 +31,34 @@ def candidates(
     web_itm: float | None,
     synthetic: Sequence[str],
     synthetic_itm: Sequence[float],
+    web_itc: float | None = None,
+    synthetic_itc: Sequence[float] | None = None,
 ) -> list[Candidate]:
     """Every scored, non-empty caption of one image, the web one first."""
     found = []
     if web_caption and web_caption.strip() and web_itm is not None:
-        found.append(Candidate(web_caption, WEB, float(web_itm)))
-    for text, itm in zip(synthetic, synthetic_itm, strict=True):
+        found.append(Candidate(web_caption, WEB, float(web_itm), web_itc))
+    itcs = synthetic_itc if synthetic_itc is not None else [None] * len(synthetic)
+    for text, itm, itc in zip(synthetic, synthetic_itm, itcs, strict=True):
         if text.strip():
-            found.append(Candidate(text, SYNTHETIC, float(itm)))
+            found.append(Candidate(text, SYNTHETIC, float(itm), itc))
     return found
 
 
-def decide(found: Sequence[Candidate], threshold: float) -> tuple[list[Candidate], str | None]:
-    """Kept captions, best first (ties keep the web caption first), and the selected one."""
-    kept = sorted((c for c in found if c.itm >= threshold), key=lambda c: -c.itm)
+def decide(
+    found: Sequence[Candidate], threshold: float, keep: KeepSpec = CAPFILT_KEEP
+) -> tuple[list[Candidate], str | None]:
+    """Kept captions, best first by `keep.by` (ties keep the web caption first), and the selected one:
+    every caption whose ITM passes the threshold, or under `top_k` the k best of them."""
+    passing = [c for c in found if c.itm >= threshold]
+    if keep.by == "itc":
+        if any(c.itc is None for c in passing):
+            raise ValueError(
+                "ranking by ITC needs ITC scores, and this shard was written before capfilt stored them"
+            )
+        kept = sorted(passing, key=lambda c: -c.itc)
+    else:
+        kept = sorted(passing, key=lambda c: -c.itm)
+    if keep.rule == "top_k":
+        kept = kept[: keep.k]
     return kept, (kept[0].text if kept else None)

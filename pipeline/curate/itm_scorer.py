@@ -1,10 +1,15 @@
-"""ITM scores of many texts per image, each image's tokens projected once for all of its texts.
+"""ITM and ITC scores of many texts per image, each image's tokens projected once for all of its texts.
 
 `BlipForImageTextRetrieval` runs its text encoder on (text, image) pairs: every text re-projects its
 image's 577 tokens to keys and values in each of the 12 cross-attention layers, about 70 % of the
 encoder's work for a caption. Here texts come grouped by image (`TextGroups`): the image's keys and
 values are projected once (`text_tower.project_image`) and its texts' queries attend to them together.
 The scores equal the plain forward pass's (tests/test_capfilt_stage.py, within 1e-5 in float32).
+
+The same checkpoint's contrastive (ITC) side comes almost free: the image embedding is the projected,
+normalised [CLS] token of the vision tower that ITM already ran (`image_features`), and a text's is its
+[CLS] through the text encoder without cross-attention (`text_features`), as BLIP trained the ITC loss;
+their dot product is the cosine similarity that `BlipForImageTextRetrieval(use_itm_head=False)` returns.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.curate.text_tower import project_image, text_layers
 
@@ -27,6 +33,29 @@ class ItmEncoder:
         self.embeddings = itm_model.text_encoder.embeddings
         self.layers = text_layers(itm_model.text_encoder.encoder)
         self.head = itm_model.itm_head
+        self.vision_proj = itm_model.vision_proj
+        self.text_proj = itm_model.text_proj
+
+    @property
+    def embedding_size(self) -> int:
+        """The length of an image or text embedding (the checkpoint's `image_text_hidden_size`)."""
+        return self.vision_proj.out_features
+
+    @torch.inference_mode()
+    def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Each image's ITC embedding: its vision tower's [CLS] token, projected and normalised."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+
+    @torch.inference_mode()
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Each text's ITC embedding: the encoder without cross-attention (BLIP's "text" mode), its
+        [CLS] token projected and normalised. `input_ids` begin with the tokenizer's [CLS]."""
+        hidden = self.embeddings(input_ids=input_ids)
+        mask = attention_mask.bool()[:, None, None, :]
+        for layer in self.layers:
+            query, key, value = layer.query_key_value(hidden)
+            hidden = layer.feed_forward(layer.self_attend(hidden, query, key, value, mask))
+        return F.normalize(self.text_proj(hidden[:, 0, :]).float(), dim=-1)
 
     @torch.inference_mode()
     def logits(

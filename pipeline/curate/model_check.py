@@ -60,6 +60,19 @@ def check_itm_tokenizer(spec: JobSpec) -> None:
     first_token_id(tokenizer, spec.filter)
 
 
+def embedding_size(spec: JobSpec) -> int:
+    """The filter checkpoint's ITC embedding size (`image_text_hidden_size`), read on the driver from
+    its config (a directory, or a hub name from the cache or the hub): it fixes the type of every
+    shard's `image_embedding` column, a shard with no scored row included."""
+    from transformers import BlipConfig
+
+    try:
+        return int(BlipConfig.from_pretrained(spec.filter.model).image_text_hidden_size)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        shown = printable(spec.filter.model)
+        raise SpecError(f"filter.model: cannot read the config of {shown}: {one_line(err)}") from None
+
+
 def check_model(key: str, value: str, architecture: str) -> None:
     # os.path's tests, not pathlib's: they answer False for a name too long or with a NUL byte.
     path, shown = Path(value), printable(value)

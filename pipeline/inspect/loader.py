@@ -47,7 +47,7 @@ FSSPEC_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "ad
 class CaptionPolicy(StrEnum):
     """Which kept caption a sample is trained with."""
 
-    BEST = "best"  # the highest-ITM kept caption, `selected_caption` (the tar's KEY.txt)
+    BEST = "best"  # the best kept caption, `selected_caption` (the tar's KEY.txt), or by `rank_by`
     RANDOM_KEPT = "random_kept"  # a fresh pick among the kept captions each epoch, as BLIP's loader does
     WEB_ONLY = "web_only"  # the web caption; samples whose web caption was filtered out are skipped
     SYNTHETIC_ONLY = "synthetic_only"  # the best kept synthetic caption; samples without one skipped
@@ -66,6 +66,8 @@ class CapFiltDataset(IterableDataset):
     shard and key order. `rank`/`world_size` default to torch.distributed when it is initialised,
     else the RANK/WORLD_SIZE environment variables, else 0/1; build the dataset after
     `init_process_group`. `with_record` adds the sample's full record (its KEY.json) as a third item.
+    `rank_by` ("itm" or "itc") ranks the kept captions by that score for `best` and `synthetic_only`;
+    None keeps the job's order (`filter.keep.by`).
 
     Ranks get unequal sample counts when there are few shards or they hold different numbers of kept
     samples (a rank gets whole shards). Under DDP that makes the short rank stop early and the others
@@ -84,8 +86,12 @@ class CapFiltDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         with_record: bool = False,
+        rank_by: str | None = None,
     ) -> None:
         super().__init__()
+        if rank_by not in (None, "itm", "itc"):
+            raise ValueError(f"rank_by must be 'itm', 'itc' or None (the job's order), got {rank_by!r}")
+        self.rank_by = rank_by
         try:
             self.policy = CaptionPolicy(policy)
         except ValueError:
@@ -133,13 +139,22 @@ class CapFiltDataset(IterableDataset):
     def caption(self, record: Record) -> str | None:
         """The caption the policy gives this record in the current epoch; None: skip the sample."""
         kept = record["kept_captions"]
+        if self.rank_by is not None:
+            kept = _ranked(kept, self.rank_by, record["key"])
         if self.policy == CaptionPolicy.BEST:
-            return record["selected_caption"]
+            return kept[0]["text"] if self.rank_by is not None else record["selected_caption"]
         if self.policy == CaptionPolicy.RANDOM_KEPT:
             # Seeded per sample, not per worker, so the pick does not depend on who reads the shard.
             return random.Random(f"{self.seed}/{self.epoch}/{record['key']}").choice(kept)["text"]
         source = WEB if self.policy == CaptionPolicy.WEB_ONLY else SYNTHETIC
         return next((c["text"] for c in kept if c["source"] == source), None)  # best first
+
+
+def _ranked(kept: list[Record], by: str, key: str) -> list[Record]:
+    """The kept captions best first by `by` (a stable sort: ties keep the job's order)."""
+    if any(c.get(by) is None for c in kept):
+        raise ValueError(f"sample {key}: its kept captions have no {by} score (a shard written before ITC)")
+    return sorted(kept, key=lambda c: -c[by])
 
 
 def shard_list(shards: Shards) -> list[str]:

@@ -1,11 +1,11 @@
-"""`capfilt rethreshold OUT --threshold T --out NEW`: the job's output at another ITM threshold, from
-the stored scores, with no model and no GPU.
+"""`capfilt rethreshold OUT --threshold T [--keep top_k --k K --by itc] --out NEW`: the job's output at
+another ITM threshold or keep rule, from the stored scores, with no model and no GPU.
 
-NEW becomes a complete output of the job's spec with `filter.threshold = T`. The files of its
-`downloads/` and `_input/` are hard links to OUT's files (copies across file systems): no space is spent, and
-a later `retry-failed` on OUT, which replaces OUT's raw files, leaves NEW's as they were. Every
-output shard is written again by the job's own `ShardWriter` from the scores OUT stores, so the
-fates are decided by the very code that decided them the first time. NEW then reads like any job
+NEW becomes a complete output of the job's spec with `filter.threshold = T` (and `filter.keep`). The
+files of its `downloads/` and `_input/` are hard links to OUT's files (copies across file systems): no
+space is spent, and a later `retry-failed` on OUT, which replaces OUT's raw files, leaves NEW's as they
+were. Every output shard is written again by the job's own `ShardWriter` from the scores OUT stores,
+so the fates are decided by the very code that decided them the first time. NEW then reads like any job
 output: `capfilt inspect` shows it, `capfilt run` with its spec finds it complete, and a further
 rethreshold, even to a lower threshold that keeps images OUT filtered, finds their images.
 
@@ -33,12 +33,20 @@ from pipeline.job.output_guard import claim_output
 from pipeline.output.job_output import JobOutput, OutputError
 from pipeline.output.manifest import build_manifest, check_accounting
 from pipeline.output.shard_writer import ShardWriter, scores_from_records
+from pipeline.spec.config import KeepSpec
 from pipeline.spec.layout import IN_PROGRESS, OutputLayout, write_json_atomically
 
 
-def rethreshold(source: JobOutput, threshold: float, target: str | Path | Location) -> dict[str, Any]:
-    """Write the output for `threshold` into `target` (a new directory or prefix, a local path or an
-    fsspec URI) and return its manifest."""
+def rethreshold(
+    source: JobOutput, threshold: float | None, target: str | Path | Location, keep: KeepSpec | None = None
+) -> dict[str, Any]:
+    """Write the output for `threshold` and the keep rule `keep` (None: the job's) into `target` (a
+    new directory or prefix, a local path or an fsspec URI) and return its manifest."""
+    if threshold is None and keep is None:
+        raise OutputError("name what changes: --threshold, or the keep rule (--keep, --k, --by)")
+    if keep is not None and keep.k < 1:
+        raise OutputError(f"--k: {keep.k}: keep at least 1 caption per image")
+    threshold = source.threshold if threshold is None else threshold
     if not 0 <= threshold <= 1:
         raise OutputError(f"--threshold: {threshold} is not an ITM probability between 0 and 1")
     names = source.require_complete("rethreshold it")
@@ -53,7 +61,7 @@ def rethreshold(source: JobOutput, threshold: float, target: str | Path | Locati
     spec = source.spec
     spec = dataclasses.replace(
         spec,
-        filter=dataclasses.replace(spec.filter, threshold=threshold),
+        filter=dataclasses.replace(spec.filter, threshold=threshold, keep=keep or spec.filter.keep),
         output=dataclasses.replace(spec.output, path=target.uri),
     )
     # Locally: built aside and renamed at the end. On an object store: in place, manifest last.
@@ -68,7 +76,7 @@ def rethreshold(source: JobOutput, threshold: float, target: str | Path | Locati
             for path in directory.files():
                 path.link_to(into / path.name)
 
-        writer = ShardWriter(work, threshold, spec.fingerprint())
+        writer = ShardWriter.of(spec, work, source.embedding_size())
         # Writing a shard is Python-bound (a record per row), so shards go to worker processes.
         jobs = [(writer, source.layout, name) for name in names]
         spawn = multiprocessing.get_context("spawn")
@@ -79,6 +87,7 @@ def rethreshold(source: JobOutput, threshold: float, target: str | Path | Locati
         manifest["rethresholded_from"] = {
             "path": source.layout.root.resolve().uri,
             "threshold": source.threshold,
+            "keep": dataclasses.asdict(source.spec.filter.keep),
         }
         check_accounting(manifest)
         write_json_atomically(work.manifest, manifest)

@@ -86,7 +86,7 @@ def retry_failed(output: JobOutput, address: str | None = None, log: Log = print
         if retried:
             log(f"capfilt: retrying {retried} rows whose download failed")
             results = _RetryJob(_run_retry_job(output, spec, work, address, log), spec.output.shard_size)
-            writer = ShardWriter(output.layout, spec.filter.threshold, spec.fingerprint())
+            writer = ShardWriter.of(spec, output.layout, output.embedding_size())
             start = 0
             for shard, n in plan:
                 failed = _failed_rows(output, shard)

@@ -35,7 +35,7 @@ from pipeline.core.timings import RunTimings, stopwatch
 from pipeline.curate.capfilt_stage import CapFiltStage
 from pipeline.curate.chunk_retry import score_with_retry
 from pipeline.curate.chunks import PASSED_ON, Chunk, ChunkReader
-from pipeline.curate.model_check import check_itm_tokenizer, check_models
+from pipeline.curate.model_check import check_itm_tokenizer, check_models, embedding_size
 from pipeline.curate.preprocess import PreprocessStage
 from pipeline.ingest.download import ShardDownload
 from pipeline.ingest.prepared_list import PreparedList, PrepareFailed
@@ -209,7 +209,7 @@ def _stream(
     each = f"{stage.resources.gpus} GPU and {stage.resources.cpus} CPU each"
     log(f"capfilt: {actors} CapFilt actor(s), {each}; {plan.describe()}")
     slots = _Slots.on_this_node(plan.in_flight)
-    writer = ShardWriter(layout, spec.filter.threshold, fingerprint)
+    writer = ShardWriter.of(spec, layout, embedding_size(spec))
     write = ray.remote(num_cpus=writer.resources.cpus)(_write_shard)
     writes: dict[str, Any] = {}
     keep = spec.output.keep_downloads

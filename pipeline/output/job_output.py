@@ -15,10 +15,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.core.storage import read_parquet
+from pipeline.core.storage import parquet_file, read_parquet
 from pipeline.output.manifest import DONE, FAILED, PENDING
 from pipeline.spec.config import JobSpec, SpecError, typed_spec
 from pipeline.spec.layout import OutputLayout
+from pipeline.spec.records import embedding_size_of
 
 
 class OutputError(ValueError):
@@ -92,6 +93,19 @@ class JobOutput:
             else:
                 states.append(ShardState(name, PENDING, None, None))
         return states
+
+    def embedding_size(self) -> int:
+        """The size of the image embeddings its shards store, which a shard written again (by
+        rethreshold or retry-failed) keeps; the filter checkpoint's, for an output written before
+        shards had embeddings."""
+        written = [s.name for s in self.shards() if s.status == DONE]
+        if written:
+            size = embedding_size_of(parquet_file(self.layout.shard_parquet(written[0])).schema_arrow)
+            if size is not None:
+                return size
+        from pipeline.curate.model_check import embedding_size
+
+        return embedding_size(self.spec)
 
     def read_shard(self, name: str) -> pa.Table:
         return read_parquet(self.layout.shard_parquet(name))

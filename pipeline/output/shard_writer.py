@@ -29,9 +29,10 @@ from pipeline.curate.decide import candidates, decide
 from pipeline.ingest.download import DOWNLOADED, OPT_OUT_ERROR, UNDECODABLE
 from pipeline.ingest.fetch_guard import BLOCKED
 from pipeline.ingest.url_list import CAPTION, ERROR, FATE, URL, extra_column, extra_names
+from pipeline.spec.config import CAPFILT_KEEP, JobSpec, KeepSpec
 from pipeline.spec.fates import Fate, count_fates
 from pipeline.spec.layout import OutputLayout, write_json_atomically
-from pipeline.spec.records import shard_schema
+from pipeline.spec.records import BLIP_EMBEDDING_SIZE, EMBEDDING_DTYPE, shard_schema
 
 Record = dict[str, Any]
 
@@ -47,6 +48,9 @@ class Scores:
     synthetic_captions: list[str]
     caption_itm: float | None
     synthetic_itm: list[float]
+    caption_itc: float | None = None
+    synthetic_itc: list[float] | None = None  # None: not scored (a shard written before ITC)
+    image_embedding: np.ndarray | None = None  # float16
 
 
 def scores_by_key(chunks: Iterable[Chunk]) -> dict[str, Scores]:
@@ -54,12 +58,15 @@ def scores_by_key(chunks: Iterable[Chunk]) -> dict[str, Scores]:
     found = {}
     for c in chunks:
         for i, key in enumerate(c["keys"]):
-            web = c["caption_itm"][i]
+            embedding = c["image_embedding"][i]
             found[key] = Scores(
                 decode_error=str(c["decode_errors"][i]),
                 synthetic_captions=[str(t) for t in c["synthetic_captions"][i]],
-                caption_itm=None if web is None or math.isnan(web) else _as_stored(web),
+                caption_itm=_scored(c["caption_itm"][i]),
                 synthetic_itm=[_as_stored(s) for s in c["synthetic_itm"][i]],
+                caption_itc=_scored(c["caption_itc"][i]),
+                synthetic_itc=[_as_stored(s) for s in c["synthetic_itc"][i]],
+                image_embedding=np.frombuffer(embedding, EMBEDDING_DTYPE) if embedding else None,
             )
     return found
 
@@ -70,10 +77,23 @@ def scores_from_records(records: Iterable[Record]) -> dict[str, Scores]:
     found = {}
     for r in records:
         if r["status"] in (Fate.KEPT, Fate.FILTERED):
-            found[r["key"]] = Scores("", r["synthetic_captions"], r["caption_itm"], r["synthetic_itm"])
+            embedding = r.get("image_embedding")
+            found[r["key"]] = Scores(
+                "",
+                r["synthetic_captions"],
+                r["caption_itm"],
+                r["synthetic_itm"],
+                r.get("caption_itc"),
+                r.get("synthetic_itc"),
+                None if embedding is None else np.asarray(embedding, EMBEDDING_DTYPE),
+            )
         elif r["status"] == Fate.DECODE_FAILED:  # the writer asks only for rows img2dataset downloaded
             found[r["key"]] = Scores(r["error"], [], None, [])
     return found
+
+
+def _scored(score: float | None) -> float | None:
+    return None if score is None or math.isnan(score) else _as_stored(score)
 
 
 def _as_stored(score: float) -> float:
@@ -87,7 +107,18 @@ class ShardWriter:
     layout: OutputLayout
     threshold: float
     fingerprint: str
+    keep: KeepSpec = CAPFILT_KEEP
+    embedding_size: int = BLIP_EMBEDDING_SIZE  # the ITM checkpoint's; fixes the column's type
+    keep_embeddings: bool = True  # output.image_embeddings
     resources: ClassVar[Resources] = Resources(cpus=0.5)
+
+    @classmethod
+    def of(cls, spec: JobSpec, layout: OutputLayout, embedding_size: int) -> ShardWriter:
+        """The writer of a job's shards into `layout`: its keep rule, fingerprint and embeddings."""
+        f = spec.filter
+        return cls(
+            layout, f.threshold, spec.fingerprint(), f.keep, embedding_size, spec.output.image_embeddings
+        )
 
     def write(self, shard: str, scores: Mapping[str, Scores]) -> dict[str, Any]:
         """Write the shard and return its report (also written as the completion marker)."""
@@ -101,7 +132,7 @@ class ShardWriter:
         self.layout.shards.mkdir()
         self._write_tar(shard, kept)
         with self.layout.shard_parquet(shard).writing() as stream:
-            schema = shard_schema(extra_names(table.schema.names))
+            schema = shard_schema(extra_names(table.schema.names), self.embedding_size)
             pq.write_table(pa.Table.from_pylist(records, schema=schema), stream)
         report = {
             "shard": shard,
@@ -129,6 +160,9 @@ class ShardWriter:
             "synthetic_itm": None,
             "kept_captions": None,
             "selected_caption": None,
+            "caption_itc": None,
+            "synthetic_itc": None,
+            "image_embedding": None,
             # The input's extra columns, after the fixed ones, under their input names.
             **{name: row[extra_column(name)] for name in extra_names(row)},
         }
@@ -148,23 +182,45 @@ class ShardWriter:
         record.update(width=row["width"], height=row["height"], sha256=row["sha256"])
         if scores.decode_error:
             return {**record, "status": Fate.DECODE_FAILED.value, "error": scores.decode_error}
-        found = candidates(row[CAPTION], scores.caption_itm, scores.synthetic_captions, scores.synthetic_itm)
-        kept, selected = decide(found, self.threshold)
+        found = candidates(
+            row[CAPTION],
+            scores.caption_itm,
+            scores.synthetic_captions,
+            scores.synthetic_itm,
+            scores.caption_itc,
+            scores.synthetic_itc,
+        )
+        kept, selected = decide(found, self.threshold, self.keep)
+        embedding = scores.image_embedding if self.keep_embeddings else None
         return {
             **record,
             "status": (Fate.KEPT if kept else Fate.FILTERED).value,
             "synthetic_captions": scores.synthetic_captions,
             "caption_itm": scores.caption_itm,
             "synthetic_itm": scores.synthetic_itm,
-            "kept_captions": [{"text": c.text, "source": c.source, "itm": c.itm} for c in kept],
+            "kept_captions": [{"text": c.text, "source": c.source, "itm": c.itm, "itc": c.itc} for c in kept],
             "selected_caption": selected,
+            "caption_itc": scores.caption_itc,
+            "synthetic_itc": scores.synthetic_itc,
+            "image_embedding": embedding,
         }
 
     def _write_tar(self, shard: str, kept: Mapping[str, Record]) -> None:
-        """KEY.jpg (the downloaded bytes, untouched), KEY.json (the full record), KEY.txt (selected)."""
+        """KEY.jpg (the downloaded bytes, untouched), KEY.json (the record but its embedding, which the
+        Parquet holds), KEY.txt (selected)."""
         images = read_jpegs(self.layout.raw_tar(shard), kept)
         target = self.layout.shard_tar(shard)
         with target.writing() as stream, wds.TarWriter(stream, mtime=_TAR_MTIME) as sink:
             for key, record in kept.items():
-                sink.write({"__key__": key, "jpg": images[key], "json": json.dumps(record).encode(),
+                sink.write({"__key__": key, "jpg": images[key], "json": _sample_json(record),
                             "txt": record["selected_caption"].encode()})  # fmt: skip
+
+
+def sample_record(record: Record) -> Record:
+    """What a kept row's KEY.json holds: its record but the embedding (512 bytes of float16 would be
+    some 3 KB of JSON; the Parquet holds it)."""
+    return {k: v for k, v in record.items() if k != "image_embedding"}
+
+
+def _sample_json(record: Record) -> bytes:
+    return json.dumps(sample_record(record)).encode()

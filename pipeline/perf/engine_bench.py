@@ -8,6 +8,8 @@ All figures are ratios of two measurements taken in one run, on one device, in o
   over this machine's dense matmul rate, timed here on the large model's own matrix shapes;
 - `vs_plain_k1` / `_k5`: the actor's images/s over the plain loop's (`model_cost.PlainLoop`: 1 caption
   + 2 ITM pairs, 5 captions + 6 ITM pairs per image), taking turns batch by batch;
+- `itc_share_k1` / `_k5`: the share of the actor's time spent on what ITC adds (the image embedding
+  and each text's pass without cross-attention), timed inside the actor's own calls;
 - `own_vs_generate_tiny`: captions/s of the own decode loop over `generate`, with the shipped tiny
   models, where a token's work is tiny and the per-step overhead (the CPU's stand-in for a GPU's
   launch-bound decoding) is what is measured.
@@ -96,6 +98,8 @@ def run_engine_bench(settings: EngineSettings, log: Any = print) -> dict[str, An
         report[f"plain_images_per_s_k{k}"] = rates["plain"]
         report[f"capfilt_images_per_s_k{k}"] = rates["capfilt"]
         report[f"vs_plain_k{k}"] = rates["capfilt"] / rates["plain"]
+        log(f"engine: ITC's share of the actor's time, {k} caption(s) ...")
+        report[f"itc_share_k{k}"] = itc_share(own[k], batches, device)
     achieved = report["flops_per_image_k1"] * report["capfilt_images_per_s_k1"]
     report["achieved_gflops_k1"] = achieved / 1e9
     report["matmul_fraction"] = report["achieved_gflops_k1"] / report["matmul_gflops"]
@@ -126,6 +130,36 @@ def actor_flops(stage: CapFiltStage, pixels: np.ndarray, new_tokens: int) -> dic
         [len(ids) for ids in tokens.input_ids],
     )
     return {"actual": actual / images, "minimum": least / images}
+
+
+def itc_share(stage: CapFiltStage, batches: list[np.ndarray], device: str) -> float:
+    """Seconds in ITC's own work (`ItmEncoder.image_features` and `.text_features`, timed where the
+    actor calls them, the device synchronised around each) over the actor's seconds on `batches`."""
+    encoder = stage.models.itm_encoder
+    spent = [0.0]
+
+    def timing(method: Any) -> Any:
+        def call(*args: Any) -> Any:
+            sync(device)
+            start = time.perf_counter()
+            out = method(*args)
+            sync(device)
+            spent[0] += time.perf_counter() - start
+            return out
+
+        return call
+
+    encoder.image_features = timing(encoder.image_features)
+    encoder.text_features = timing(encoder.text_features)
+    try:
+        start = time.perf_counter()
+        for pixels in batches:
+            stage(chunk(pixels))
+        sync(device)
+        total = time.perf_counter() - start
+    finally:
+        del encoder.image_features, encoder.text_features  # the class's methods again
+    return spent[0] / total
 
 
 def matmul_rate(hidden: int, mlp: int, rows: int, device: str, seconds: float = 3.0) -> float:
@@ -219,6 +253,7 @@ def format_engine_report(report: dict[str, Any]) -> str:
             f" k=1 {e['vs_plain_k1']:.2f}x ({e['capfilt_images_per_s_k1']:.3f} vs"
             f" {e['plain_images_per_s_k1']:.3f} images/s), k=5 {e['vs_plain_k5']:.2f}x"
             f" ({e['capfilt_images_per_s_k5']:.3f} vs {e['plain_images_per_s_k5']:.3f} images/s)",
+            f"  ITC's share of the actor's time: k=1 {e['itc_share_k1']:.3f}, k=5 {e['itc_share_k5']:.3f}",
             f"  own decoder vs generate, shipped tiny models: {e['own_vs_generate_tiny']:.2f}x"
             f" ({e['tiny_own_captions_per_s']:.0f} vs {e['tiny_generate_captions_per_s']:.0f} captions/s)",
         ]

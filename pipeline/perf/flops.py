@@ -12,7 +12,9 @@ here with the same formula.
   each of the k captions one step per new token after the first, each token attending to the tokens
   before it, and the vocabulary head wherever a next token is drawn;
 - the ITM text encoder: the image's keys/values once, then each of the k + 1 texts at its own length
-  (no padding), and the ITM head on its first token.
+  (no padding), and the ITM head on its first token;
+- ITC: the image's [CLS] projected once, and each of the k + 1 texts through the encoder without
+  cross-attention at its own length, its [CLS] projected.
 The ratio of the two is the bench's `flops_ratio_k1` / `_k5`: 1.0 is no work beyond the method.
 """
 
@@ -56,12 +58,14 @@ class Sizes:
     text_mlp: int
     text_layers: int
     vocab: int
+    embedding: int  # image_text_hidden_size: ITC's projections
 
     @classmethod
     def of(cls, config: Any) -> Sizes:
         v, t = config.vision_config, config.text_config
         vision = (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.image_size, v.patch_size)
-        return cls(*vision, t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.vocab_size)
+        text = (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.vocab_size)
+        return cls(*vision, *text, config.image_text_hidden_size)
 
     @property
     def image_tokens(self) -> int:
@@ -83,6 +87,12 @@ class Sizes:
         linear = 2 * d * 3 * d + 2 * d * d + 2 * d * d + 2 * d * d + 2 * 2 * d * self.text_mlp
         return self.text_layers * (linear + 4 * attended * d + 4 * self.image_tokens * d)
 
+    def unimodal_text_token(self, attended: int) -> int:
+        """One text token through every layer without cross-attention (ITC's text side)."""
+        d = self.text_hidden
+        linear = 2 * d * 3 * d + 2 * d * d + 2 * 2 * d * self.text_mlp
+        return self.text_layers * (linear + 4 * attended * d)
+
     def vocabulary_head(self) -> int:
         return 2 * self.text_hidden * self.text_hidden + 2 * self.text_hidden * self.vocab
 
@@ -97,12 +107,17 @@ def minimum_flops(
     itm_text_tokens: list[int],
 ) -> int:
     """The least FLOPs for `images` images: `captions` captions each of `new_tokens` tokens after a
-    prompt of `prompt_tokens` (with [DEC]), and ITM scores of all their texts, of `itm_text_tokens`
-    tokens each (the web captions and the synthetic ones)."""
+    prompt of `prompt_tokens` (with [DEC]), and ITM and ITC scores of all their texts, of
+    `itm_text_tokens` tokens each (the web captions and the synthetic ones)."""
     cap, match = Sizes.of(captioner), Sizes.of(itm)
     per_image = cap.vision() + cap.image_keys_values() + match.vision() + match.image_keys_values()
     per_image += sum(cap.text_token(i + 1) for i in range(prompt_tokens)) + cap.vocabulary_head()
     steps = range(prompt_tokens, prompt_tokens + new_tokens - 1)  # the last token is drawn, never run
     per_image += captions * sum(cap.text_token(position + 1) + cap.vocabulary_head() for position in steps)
+    per_image += 2 * match.vision_hidden * match.embedding  # ITC: the image's [CLS] projected
     texts = sum(tokens * match.text_token(tokens) + 2 * match.text_hidden * 2 for tokens in itm_text_tokens)
+    texts += sum(
+        tokens * match.unimodal_text_token(tokens) + 2 * match.text_hidden * match.embedding
+        for tokens in itm_text_tokens
+    )
     return images * per_image + texts

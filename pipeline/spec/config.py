@@ -108,6 +108,20 @@ class CaptionerSpec:
 
 
 @dataclass(frozen=True)
+class KeepSpec:
+    """Which of an image's captions that pass the ITM threshold it keeps, best first by `by`:
+    all of them (`threshold`, CapFilt's rule), or the `k` best (`top_k`, BLIP-2's: sample many, keep
+    the best). The best kept caption is the one a sample is trained with."""
+
+    rule: str = "threshold"  # or "top_k"
+    k: int = 1
+    by: str = "itm"  # or "itc": the ITC cosine similarity ranks
+
+
+CAPFILT_KEEP = KeepSpec()  # every caption that passes, best ITM first
+
+
+@dataclass(frozen=True)
 class FilterSpec:
     model: str = "Salesforce/blip-itm-large-coco"
     threshold: float = 0.5
@@ -115,6 +129,7 @@ class FilterSpec:
     itm_first_token: str = "enc"  # BLIP's ITM reads [ENC] first; "cls": transformers' [CLS]
     text_normalise: str = "blip"  # BLIP's pre_caption before ITM; "none": the text as written
     max_words: int = 30
+    keep: KeepSpec = CAPFILT_KEEP
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,7 @@ class OutputSpec:
     path: str
     shard_size: int = 10000
     keep_downloads: bool = False  # True: raw shards stay after their commit, for retry-failed and rethreshold
+    image_embeddings: bool = True  # False: the shards' image_embedding column is null (scored all the same)
 
 
 @dataclass(frozen=True)
@@ -155,7 +171,10 @@ class JobSpec:
         Resources and the output path do not change what is written, so a job can be moved or
         resized and still resume; a changed threshold or model makes old shards stale.
         """
-        return _hash(self._sections("input", "download", "captioner", "filter"))
+        sections = self._sections("input", "download", "captioner", "filter")
+        if not self.output.image_embeddings:  # added later: left out at its default, as `_ADDED_LATER`
+            sections["image_embeddings"] = False
+        return _hash(sections)
 
     def with_absolute_paths(self) -> JobSpec:
         """Paths as the driver sees them, so Ray workers (on other nodes too) open the same files.
@@ -187,7 +206,7 @@ class JobSpec:
         for section, keys in _ADDED_LATER.items():
             defaults = {f.name: f.default for f in dataclasses.fields(_SECTIONS[section])}
             for key in keys:
-                if spec[section][key] == json.loads(json.dumps(defaults[key])):
+                if spec[section][key] == _as_json(defaults[key]):
                     del spec[section][key]
         return {**{k: spec[k] for k in names}, "shard_size": spec["output"]["shard_size"]}
 
@@ -198,8 +217,14 @@ class JobSpec:
 _ADDED_LATER = {
     "input": ("extra_columns",),
     "captioner": ("decoder", "compile"),
+    "filter": ("keep",),
     "download": ("allowed_networks", "denied_networks", "max_body_bytes", "max_image_pixels"),
 }
+
+
+def _as_json(value: Any) -> Any:
+    """A setting's value as the spec's JSON holds it (a nested section as its mapping)."""
+    return json.loads(json.dumps(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value))
 
 
 def _hash(value: Any) -> str:
@@ -256,14 +281,22 @@ def typed_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec
     for item in overrides:
         _apply_override(raw, item)
     _validate(raw)
-    sections = {name: cls(**_tuples(raw.get(name, {}))) for name, cls in _SECTIONS.items() if name in raw}
+    sections = {name: _section(cls, raw[name]) for name, cls in _SECTIONS.items() if name in raw}
     spec = JobSpec(**sections)
     _check_networks(spec.download)
     return spec
 
 
-def _tuples(section: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
+def _section(cls: type, values: dict[str, Any]) -> Any:
+    """A validated section's dataclass; a nested section (`filter.keep`) as its own dataclass."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    typed = {}
+    for key, value in values.items():
+        if dataclasses.is_dataclass(defaults[key]):
+            typed[key] = _section(type(defaults[key]), value)
+        else:
+            typed[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**typed)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

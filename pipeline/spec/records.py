@@ -12,12 +12,24 @@ import json
 import sys
 from collections.abc import Sequence
 
+import numpy as np
 import pyarrow as pa
 
-KEPT_CAPTION = pa.struct([("text", pa.string()), ("source", pa.string()), ("itm", pa.float32())])
+KEPT_CAPTION = pa.struct(
+    [("text", pa.string()), ("source", pa.string()), ("itm", pa.float32()), ("itc", pa.float32())]
+)
+EMBEDDING_DTYPE = np.float16  # an image embedding as the actor sends it and the shard stores it
+BLIP_EMBEDDING_SIZE = 256  # image_text_hidden_size of Salesforce's BLIP checkpoints
 
-SHARD_SCHEMA = pa.schema(
-    [
+
+def embedding_type(size: int) -> pa.DataType:
+    """An image embedding: a fixed-size list of float16, `size` = the ITM checkpoint's
+    `image_text_hidden_size`."""
+    return pa.list_(pa.float16(), size)
+
+
+def _fields(embedding_size: int) -> list[pa.Field]:
+    return [
         pa.field("key", pa.string(), nullable=False),
         pa.field("url", pa.string()),
         pa.field("caption", pa.string()),
@@ -31,8 +43,14 @@ SHARD_SCHEMA = pa.schema(
         pa.field("synthetic_itm", pa.list_(pa.float32())),
         pa.field("kept_captions", pa.list_(KEPT_CAPTION)),
         pa.field("selected_caption", pa.string()),
+        # Added later, after the columns readers already knew, so their positions hold.
+        pa.field("caption_itc", pa.float32()),
+        pa.field("synthetic_itc", pa.list_(pa.float32())),
+        pa.field("image_embedding", embedding_type(embedding_size)),
     ]
-)
+
+
+SHARD_SCHEMA = pa.schema(_fields(BLIP_EMBEDDING_SIZE))
 
 EXTRA_COLUMNS_DOC = (
     "Then one string column per input.extra_columns entry, named as in the input, carried as given "
@@ -54,14 +72,24 @@ COLUMN_DOCS = {
         "(BLIP's pre_caption and [ENC] by default); null when it is empty or absent."
     ),
     "synthetic_itm": "ITM match probability of each synthetic caption, same order.",
-    "kept_captions": "Captions with ITM >= threshold, best first: {text, source (web|synthetic), itm}.",
+    "kept_captions": "Captions with ITM >= threshold, best first: {text, source (web|synthetic), itm, itc}.",
     "selected_caption": "The best kept caption (the tar's KEY.txt); null unless status is kept.",
+    "caption_itc": (
+        "ITC cosine similarity of the web caption with the image (the ITM checkpoint's vision_proj and "
+        "text_proj, normalised), in [-1, 1]; null where caption_itm is."
+    ),
+    "synthetic_itc": "ITC cosine similarity of each synthetic caption, same order.",
+    "image_embedding": (
+        "The image's ITC embedding (the ITM checkpoint's vision [CLS] through vision_proj, L2-normalised), "
+        "float16, D = the checkpoint's image_text_hidden_size (256 for Salesforce's BLIP); null when not "
+        "scored or output.image_embeddings is false."
+    ),
 }
 
 
-def shard_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
-    """The output shard's schema for a job with these extra input columns."""
-    schema = SHARD_SCHEMA
+def shard_schema(extra_columns: Sequence[str] = (), embedding_size: int = BLIP_EMBEDDING_SIZE) -> pa.Schema:
+    """The output shard's schema for a job with these extra input columns and ITM checkpoint."""
+    schema = pa.schema(_fields(embedding_size))
     for name in extra_columns:
         schema = schema.append(pa.field(name, pa.string()))
     return schema
@@ -71,11 +99,27 @@ def describe_schema() -> dict:
     return {
         "title": "capfilt output shard (shards/NNNNN.parquet): one row per input row",
         "fields": [
-            {"name": f.name, "type": str(f.type), "nullable": f.nullable, "description": COLUMN_DOCS[f.name]}
+            {
+                "name": f.name,
+                "type": _type_shown(f),
+                "nullable": f.nullable,
+                "description": COLUMN_DOCS[f.name],
+            }
             for f in SHARD_SCHEMA
         ],
         "extra_columns": EXTRA_COLUMNS_DOC,
     }
+
+
+def embedding_size_of(schema: pa.Schema) -> int | None:
+    """The image embedding's size in a stored shard's schema; None for a shard written before it."""
+    if "image_embedding" not in schema.names:
+        return None
+    return schema.field("image_embedding").type.list_size
+
+
+def _type_shown(field: pa.Field) -> str:
+    return "fixed_size_list<item: halffloat>[D]" if field.name == "image_embedding" else str(field.type)
 
 
 if __name__ == "__main__":
