@@ -83,7 +83,9 @@ def read_records(layout: OutputLayout) -> list[dict[str, Any]]:
 
 def tar_keys(layout: OutputLayout) -> Counter[str]:
     """The sample keys in a job's output tars, read back with webdataset."""
-    tars = [str(p) for p in sorted(layout.shards.glob("*.tar"))]
+    tars = [str(p) for p in sorted(layout.shards.glob("*.tar"))]  # none when no shard kept a row
+    if not tars:
+        return Counter()
     return Counter(s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False, empty_check=False))
 
 

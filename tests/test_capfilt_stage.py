@@ -158,9 +158,9 @@ def test_chunk_is_captioned_and_scored(tiny_models, stage):
         assert all(text and not text.startswith("a picture of") for text in out["synthetic_captions"][i])
         assert all(0.0 <= s <= 1.0 for s in out["synthetic_itm"][i])
     assert all(math.isnan(s) for s in out["synthetic_itm"][1])  # not scored: the image did not decode
-    assert 0.0 <= out["caption_itm"][0] <= 1.0
-    assert math.isnan(out["caption_itm"][3])  # its web caption is blank
-    assert -1.0 <= out["caption_itc"][0] <= 1.0 and math.isnan(out["caption_itc"][3])
+    assert 0.0 <= out["web_itm"][0] <= 1.0
+    assert math.isnan(out["web_itm"][3])  # its web caption is blank
+    assert -1.0 <= out["web_itc"][0] <= 1.0 and math.isnan(out["web_itc"][3])
     assert all(-1.0 <= s <= 1.0 for s in out["synthetic_itc"][0])
     assert all(math.isnan(s) for s in out["synthetic_itc"][1])
     # every decoded image has its embedding (even with a blank caption), the broken one none

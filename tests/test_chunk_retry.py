@@ -62,7 +62,7 @@ def test_a_chunk_too_large_is_split_until_it_fits_and_every_row_is_scored(tiny_m
     scored = [c for c in stage.calls if len(c) <= 2]
     assert [k for c in scored for k in c] == chunk["keys"]
     assert all(not math.isnan(s) for row in result["synthetic_itm"] for s in row)
-    assert all(not math.isnan(s) for s in result["caption_itm"][:-1])  # the last web caption is blank
+    assert all(not math.isnan(s) for s in result["web_itm"][:-1])  # the last web caption is blank
     assert all(len(row) == 2 and all(row) for row in result["synthetic_captions"])
     assert len(lines) == 3 and all("ran out of memory; retrying it as two halves" in line for line in lines)
     assert lines[1].startswith("capfilt: shard 00000 chunk 0.0 (4 images)")
@@ -74,7 +74,7 @@ def test_the_halves_are_scored_as_the_same_images_on_their_own(tiny_models, spec
     chunk = _chunk(tiny_models, 5)
     whole = score_with_retry(_stage(specs, fits=99), chunk, print)
     halves = score_with_retry(_stage(specs, fits=2), chunk, print)
-    assert np.allclose(whole["caption_itm"][:-1], halves["caption_itm"][:-1], atol=1e-5)
+    assert np.allclose(whole["web_itm"][:-1], halves["web_itm"][:-1], atol=1e-5)
     again = score_with_retry(_stage(specs, fits=2), chunk, print)
     assert again["synthetic_captions"] == halves["synthetic_captions"]  # same split, same seeds
 
@@ -87,7 +87,7 @@ def test_another_error_is_tried_once_more_whole_then_fails_the_chunk(tiny_models
     assert (
         result["error"] == "shard 00000 chunk 0 (keys 0000..0005) failed twice: ValueError: cannot score 0003"
     )
-    assert result["keys"] == chunk["keys"] and all(math.isnan(s) for s in result["caption_itm"])
+    assert result["keys"] == chunk["keys"] and all(math.isnan(s) for s in result["web_itm"])
     assert [line.split("failed ")[1][:12] for line in lines] == ["(attempt 1 o", "(attempt 2 o"]
 
 
@@ -95,7 +95,7 @@ def test_a_transient_error_passes_on_the_second_try(tiny_models, specs):
     stage = _stage(specs, fits=99, poison="0001", poison_calls=1)
     result = score_with_retry(stage, _chunk(tiny_models, 4), print)
     assert result["error"] == "" and len(stage.calls) == 2
-    assert not any(math.isnan(s) for s in result["caption_itm"][:-1])
+    assert not any(math.isnan(s) for s in result["web_itm"][:-1])
 
 
 def test_one_image_that_still_runs_out_of_memory_fails_its_chunk(tiny_models, specs):

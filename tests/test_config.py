@@ -452,9 +452,9 @@ def test_a_url_list_must_exist_on_disk_or_in_its_store(tmp_path, s3_endpoint):
 @pytest.mark.parametrize(
     ("raw", "before", "fingerprint", "download_fingerprint"),
     [
-        ({"input": {"url_list": "urls.parquet"}, "output": {"path": "out"}}, "b774acc3f143dc43", "6067bcfff5a88225", "5956a64ce322bed5"),
+        ({"input": {"url_list": "urls.parquet"}, "output": {"path": "out"}}, "b774acc3f143dc43", "dc2da93ef07fcac4", "5956a64ce322bed5"),
         ({"input": {"url_list": "urls.parquet", "url_col": "link"}, "output": {"path": "out", "shard_size": 16},
-          "filter": {"threshold": 0.3}, "download": {"timeout": 3}}, "13f0166f9f436060", "2722f04cb35ca94c", "4a13e1b76271ba23"),
+          "filter": {"threshold": 0.3}, "download": {"timeout": 3}}, "13f0166f9f436060", "d27e898c443cbf8a", "4a13e1b76271ba23"),
     ],
 )  # fmt: skip
 def test_settings_added_later_leave_earlier_downloads_theirs(raw, before, fingerprint, download_fingerprint):
@@ -462,7 +462,8 @@ def test_settings_added_later_leave_earlier_downloads_theirs(raw, before, finger
     existed (commit 3911d98): an output made then still finds its downloads its own. Its shards are
     rewritten once, on purpose: since the filter scores the BLIP way (`itm_first_token`,
     `text_normalise`, `max_words`, always in the fingerprint) and captions are decoded as BLIP
-    decodes them, an old shard's scores would not be this code's. Set away from its default, a
+    decodes them, an old shard's scores would not be this code's; and since shard schema 2
+    (`caption` is the training text, the fingerprint holds the schema's version), its columns. Set away from its default, a
     download setting added later does change both. (A job run settles `input_format` from the list's
     name, as here.)"""
     spec = typed_spec({**raw, "input": {**raw["input"], "input_format": "parquet"}})

@@ -103,15 +103,15 @@ def test_downloaded_rows_carry_captions_and_scores(finished_job, tiny_models):
         assert len(r["synthetic_captions"]) == len(r["synthetic_itm"]) == 2
         assert all(0 <= s <= 1 for s in r["synthetic_itm"])
         assert r["width"] and r["height"] and len(r["sha256"]) == 64
-        if r["caption"] and r["caption"].strip():
-            assert 0 <= r["caption_itm"] <= 1
+        if r["web_caption"] and r["web_caption"].strip():
+            assert 0 <= r["web_caption_itm"] <= 1
         else:
-            assert r["caption_itm"] is None
+            assert r["web_caption_itm"] is None
         kept_texts = {c["text"] for c in r["kept_captions"]}
         assert (r["status"] == Fate.KEPT) == bool(kept_texts)
-        assert r["selected_caption"] is None or r["selected_caption"] in kept_texts
+        assert r["caption"] is None or r["caption"] in kept_texts
         assert len(r["synthetic_itc"]) == 2 and all(-1 <= s <= 1 for s in r["synthetic_itc"])
-        assert (r["caption_itc"] is None) == (r["caption_itm"] is None)
+        assert (r["web_caption_itc"] is None) == (r["web_caption_itm"] is None)
         assert len(r["image_embedding"]) == size and abs(np.linalg.norm(r["image_embedding"]) - 1) < 1e-2
 
 
@@ -138,7 +138,7 @@ def test_the_tar_holds_exactly_the_kept_rows_and_webdataset_reads_it(finished_jo
     assert {s["__key__"] for s in samples} == kept
     for s in samples:
         record = records[s["__key__"]]
-        assert s["txt"] == record["selected_caption"]
+        assert s["txt"] == record["caption"]
         assert s["json"] == json.loads(json.dumps(sample_record(record)))
         image = Image.open(io.BytesIO(s["jpg"])) if isinstance(s["jpg"], bytes) else s["jpg"]
         assert image.size == (record["width"], record["height"])
@@ -172,7 +172,10 @@ def test_resume_redoes_only_the_missing_shard_and_equals_a_clean_run(tmp_path, w
     second = run_job(spec, log=lambda _: None)
     after = {p.name: os.stat(p).st_mtime_ns for p in layout.shards.iterdir()}
     rewritten = {name for name in after if before.get(name) != after[name]}
-    assert rewritten == {f"{shards[1]}.parquet", f"{shards[1]}.tar", f"{shards[1]}.done.json"}
+    shard = shards[1]  # its files, and sizes.json, written with the manifest
+    assert rewritten == {f"{shard}{end}" for end in (".parquet", ".tar", ".done.json", "_stats.json")} | {
+        "sizes.json"
+    }
     assert second.manifest["counts"] == first.manifest["counts"]
 
     clean = run_job(make_spec(tmp_path, rows, tiny_models, out="clean"), log=lambda _: None)
@@ -212,8 +215,9 @@ def test_a_changed_threshold_makes_old_shards_stale(tmp_path, web, tiny_models):
     assert first.manifest["counts"][Fate.KEPT] == 8  # random tiny models score everything near 0.56
     strict = run_job(make_spec(tmp_path, rows, tiny_models, filter={"threshold": 0.99}), log=lambda _: None)
     assert strict.manifest["counts"][Fate.FILTERED] == 8
-    tars = [str(p) for p in strict.layout.shards.glob("*.tar")]
-    assert tars and list(wds.WebDataset(tars, shardshuffle=False, empty_check=False)) == []
+    # nothing kept: the first run's tar is gone, not left beside the new Parquet, and sizes.json is empty
+    assert list(strict.layout.shards.glob("*.tar")) == []
+    assert (strict.layout.shards / "sizes.json").read_json() == {}
 
 
 @pytest.mark.slow

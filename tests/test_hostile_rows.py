@@ -203,7 +203,7 @@ def _in_tar(jobs: RowsJobs, row: dict[str, Any]) -> dict[str, Any]:
     """The row's sample: its KEY.json is its record, its KEY.txt the selected caption."""
     sample = jobs.samples[(row["url"], row["key"])]
     assert sample["json"] == json.loads(json.dumps(sample_record(row)))
-    assert sample["txt"] == row["selected_caption"].encode()
+    assert sample["txt"] == row["caption"].encode()
     return sample
 
 
@@ -212,8 +212,8 @@ def _synthetic_only(caption: str | None) -> Callable[[RowsJobs, dict[str, Any]],
     is kept on its synthetic captions."""
 
     def check(jobs: RowsJobs, row: dict[str, Any]) -> None:
-        assert row["caption"] == caption
-        assert row["caption_itm"] is None
+        assert row["web_caption"] == caption
+        assert row["web_caption_itm"] is None
         assert row["kept_captions"] and all(c["source"] == "synthetic" for c in row["kept_captions"])
         _in_tar(jobs, row)
 
@@ -222,9 +222,9 @@ def _synthetic_only(caption: str | None) -> Callable[[RowsJobs, dict[str, Any]],
 
 def _stored_as_given(caption: str) -> Callable[[RowsJobs, dict[str, Any]], None]:
     def check(jobs: RowsJobs, row: dict[str, Any]) -> None:
-        assert row["caption"] == caption
-        assert _in_tar(jobs, row)["json"]["caption"] == caption
-        assert row["caption_itm"] is not None  # scored like any caption
+        assert row["web_caption"] == caption
+        assert _in_tar(jobs, row)["json"]["web_caption"] == caption
+        assert row["web_caption_itm"] is not None  # scored like any caption
 
     return check
 
@@ -245,7 +245,7 @@ def _null_url(jobs: RowsJobs, row: dict[str, Any]) -> None:
 
 
 def _integer_url(jobs: RowsJobs, row: dict[str, Any]) -> None:
-    assert (row["url"], row["caption"]) == ("12345", "an integer url")
+    assert (row["url"], row["web_caption"]) == ("12345", "an integer url")
 
 
 def _extra_columns(jobs: RowsJobs, row: dict[str, Any]) -> None:
@@ -254,14 +254,14 @@ def _extra_columns(jobs: RowsJobs, row: dict[str, Any]) -> None:
     first = jobs.records["empty-caption"][0]
     assert (first["source"], first["rank"]) == ("web", "1")  # an int64 column as its text
     assert {k: _in_tar(jobs, first)["json"][k] for k in EXTRA_COLUMNS} == {"source": "web", "rank": "1"}
-    assert {k: _in_tar(jobs, row)["json"][k] for k in EXTRA_COLUMNS} == {"source": None, "rank": None}
+    assert {k: _in_tar(jobs, row)["json"][k] for k in EXTRA_COLUMNS} == {"source": "", "rank": ""}  # typed
     assert jobs.columns["int-url"] == SHARD_SCHEMA.names  # only what the spec asks for
 
 
 def _duplicate(jobs: RowsJobs, row: dict[str, Any]) -> None:
     first, second = jobs.records["duplicate-url"]
     assert first["url"] == second["url"] and first["key"] != second["key"]
-    assert first["caption"] != second["caption"]
+    assert first["web_caption"] != second["web_caption"]
     _scored(second)
     assert jobs.manifests["main"]["duplicate_urls"] == 1  # empty and null URLs are no URL: not counted
     assert jobs.manifests["no-caption"]["duplicate_urls"] == 0
@@ -404,7 +404,7 @@ def test_retry_failed_keeps_the_extra_columns_of_the_rows_it_retries(tmp_path, w
     site.add("/rows/retry-flaky.jpg", Route(body=body))  # back
     retried = retry_failed(JobOutput.open(first.layout.root), log=lambda _: None)
     records = sorted(read_records(first.layout), key=lambda r: r["key"])
-    assert [(r["caption"], r["source"]) for r in records] == [
+    assert [(r["web_caption"], r["source"]) for r in records] == [
         ("good", "a"),
         ("flaky", "b"),  # the retried row's, not lost in the retry job
         ("good again", None),
@@ -414,6 +414,6 @@ def test_retry_failed_keeps_the_extra_columns_of_the_rows_it_retries(tmp_path, w
     sources = {
         s["__key__"]: json.loads(s["json"])["source"] for s in wds.WebDataset(tars, shardshuffle=False)
     }
-    assert sources == {r["key"]: r["source"] for r in records}
+    assert sources == {r["key"]: r["source"] or "" for r in records}  # the JSON's strings are never null
     assert pq.read_schema(first.layout.shard_parquet("00000")).names == [*SHARD_SCHEMA.names, "source"]
     assert retried.manifest["duplicate_urls"] == 1

@@ -405,7 +405,7 @@ def test_nothing_escapes_the_output_directory(web_job):
         with tarfile.open(str(tar.path)) as archive:
             for member in archive.getmembers():
                 assert re.match(r"^\d+\.(jpg|json|txt)$", member.name), member.name
-    assert web_job.records["path-traversal"]["caption"] == "../../../etc/passwd\x00/../shards/00000.tar"
+    assert web_job.records["path-traversal"]["web_caption"] == "../../../etc/passwd\x00/../shards/00000.tar"
 
 
 def test_all_web_cases_together_every_row_once_and_the_fates_add_up(web_job):

@@ -25,7 +25,9 @@ def _direct_count(parquets: list) -> dict:
     table = pa.concat_tables([pq.read_table(p) for p in parquets])
     scored = table.filter(pc.is_in(table["status"], pa.array(["kept", "filtered"])))
     kept = pc.list_flatten(scored["kept_captions"])
-    web = scored.filter(pc.and_(pc.is_valid(scored["caption_itm"]), pc.not_equal(scored["caption"], "")))
+    web = scored.filter(
+        pc.and_(pc.is_valid(scored["web_caption_itm"]), pc.not_equal(scored["web_caption"], ""))
+    )
     synthetic_itm = pc.list_flatten(scored["synthetic_itm"]).to_numpy()
     return {
         "counts": {f.value: pc.sum(pc.equal(table["status"], f.value)).as_py() or 0 for f in Fate},
@@ -33,7 +35,7 @@ def _direct_count(parquets: list) -> dict:
         "scored": scored.num_rows,
         "kept_web": pc.sum(pc.equal(pc.struct_field(kept, "source"), "web")).as_py() or 0,
         "kept_synthetic": pc.sum(pc.equal(pc.struct_field(kept, "source"), "synthetic")).as_py() or 0,
-        "web_scores": web["caption_itm"].to_numpy(),
+        "web_scores": web["web_caption_itm"].to_numpy(),
         "synthetic_scores": synthetic_itm,
     }
 

@@ -50,7 +50,7 @@ def scored_rows(curated_job):
     for path in layout.shard_parquets():
         for r in pq.read_table(path.path).to_pylist():
             if r["status"] in ("kept", "filtered"):
-                rows.append((images[r["key"]], r["caption"], r["caption_itm"], r["synthetic_captions"],
+                rows.append((images[r["key"]], r["web_caption"], r["web_caption_itm"], r["synthetic_captions"],
                              r["synthetic_itm"]))  # fmt: skip
     assert len(rows) > 50
     return rows

@@ -70,10 +70,10 @@ def test_two_ranks_of_two_workers_see_each_kept_sample_once_per_epoch(curated_jo
         assert orders[0] == orders[1]
 
 
-def test_best_is_the_selected_caption(curated_job):
+def test_best_is_the_training_caption(curated_job):
     kept = kept_rows(curated_job)
     got = captions_by_key(CapFiltDataset(curated_job.layout.root, policy="best", with_record=True))
-    assert got == {key: row["selected_caption"] for key, row in kept.items()}
+    assert got == {key: row["caption"] for key, row in kept.items()}
 
 
 @pytest.mark.parametrize("policy, source", [("web_only", "web"), ("synthetic_only", "synthetic")])
@@ -89,7 +89,7 @@ def test_source_policies_yield_only_samples_with_that_source_kept(curated_job, p
     assert got == expected
     if source == "web":  # some kept samples lost their web caption to the filter: they are skipped
         assert len(got) < len(kept)
-        assert all(got[key] == kept[key]["caption"] for key in got)
+        assert all(got[key] == kept[key]["web_caption"] for key in got)
 
 
 def test_the_policy_gives_no_caption_to_a_sample_without_one_of_its_source(tmp_path):
@@ -97,7 +97,7 @@ def test_the_policy_gives_no_caption_to_a_sample_without_one_of_its_source(tmp_p
     tar.touch()
     record = {
         "key": "k",
-        "selected_caption": "a web one",
+        "caption": "a web one",
         "kept_captions": [{"text": "a web one", "source": "web", "itm": 0.9}],
     }
     assert CapFiltDataset(tar, policy="synthetic_only").caption(record) is None
@@ -109,7 +109,7 @@ def test_rank_by_ranks_the_kept_captions_by_either_score(tmp_path):
     tar.touch()
     record = {
         "key": "k",
-        "selected_caption": "a web one",
+        "caption": "a web one",
         "kept_captions": [
             {"text": "a web one", "source": "web", "itm": 0.9, "itc": 0.1},
             {"text": "a synthetic one", "source": "synthetic", "itm": 0.8, "itc": 0.4},
@@ -144,7 +144,7 @@ def test_random_kept_picks_among_kept_captions_anew_each_epoch(curated_job):
         assert all(text in {c["text"] for c in kept[key]["kept_captions"]} for key, text in picks.items())
     varied = [key for key in several if len({picks[key] for picks in epochs}) >= 2]
     assert len(varied) >= 0.8 * len(several), f"only {len(varied)} of {len(several)} samples changed caption"
-    not_best = [key for key in several if epochs[0][key] != kept[key]["selected_caption"]]
+    not_best = [key for key in several if epochs[0][key] != kept[key]["caption"]]
     assert not_best, "random_kept never picked anything but the best caption"
     dataset.set_epoch(0)
     assert captions_by_key(dataset) == epochs[0], "the same (seed, epoch) must give the same picks"

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import tarfile
 import time
 from collections import Counter
@@ -23,26 +26,34 @@ from pipeline.job.rethreshold import rethreshold
 from pipeline.job.runner import run_job
 from pipeline.output.job_output import JobOutput, OutputError
 from pipeline.output.shard_writer import sample_record
-from pipeline.spec.config import SpecError, spec_from_dict
+from pipeline.spec.config import JobSpec, SpecError, spec_from_dict
 from pipeline.spec.fates import Fate
 from pipeline.spec.layout import RETRY_DIR, OutputLayout
 from pipeline.synthetic.sample_web import Route, jpeg_bytes, render_scene
-from tests.conftest import make_spec, read_records, start_local_ray
+from tests.conftest import make_spec, read_records
 from tests.s3 import new_bucket, s3, upload
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # slow: moto's S3 and whole jobs on it
 
 
-@pytest.fixture
-def fresh_ray(ray_local) -> None:
-    """A Ray of the test's own, for the tests that stream jobs. Three times (2026-12-06 and -07, then
-    CI on 12-07 with a Ray started for this module) a stream here never produced its first chunk:
-    twice the CapFilt actor was created and its readiness never delivered, the third time the fourth
-    stream of one Ray; shorter runs of this module pass (three in a row, and the whole suite up to it,
-    on 12-07). The cause is not found; a young Ray has not stalled. Should it stall again, Ray Data's
-    no-progress guard (300 s in tests, `conftest`) fails the job's shards naming the operators that
-    stopped, and the test fails with that instead of hanging."""
-    start_local_ray()
+def capfilt(*args: str) -> subprocess.CompletedProcess:
+    """`capfilt ARGS` in a process of its own with a Ray of its own, as users run it, for the commands
+    that stream a job. In this module's process, its Ray stalled four times in whole-suite runs
+    (2026-12-06 and -07: an actor's readiness never delivered, a stream's first chunk never came, a
+    `ray.shutdown()` blocked in Ray's own GCS subscriber), never in shorter runs; a stall in a process
+    of its own ends at the timeout and fails one test, where one in pytest's process hung the run."""
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    command = [sys.executable, "-m", "pipeline.cli", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def run_in_own_process(spec: JobSpec, where: Path) -> JobOutput:
+    """`capfilt run` of `spec` (written to `where`/job.yaml) in its own process; its output."""
+    job = where / "job.yaml"
+    job.write_text(yaml.safe_dump(spec.to_dict()))
+    done = capfilt("run", str(job))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return JobOutput.open(spec.output.path)
 
 
 def s3_records(prefix: str) -> dict[str, dict]:
@@ -75,9 +86,8 @@ def s3_spec(local_spec, url_list: str, out: str):
 
 
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory, web, tiny_models, ray_local):
+def jobs(tmp_path_factory, web, tiny_models):
     """The same job twice: URL list and output on S3 (run with `capfilt run`), and on local disk."""
-    start_local_ray()  # as `fresh_ray`, once for the module's jobs
     site, pairs = web
     site.add("/s3/missing.jpg", Route(status=404))
     rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:20]
@@ -88,10 +98,9 @@ def jobs(tmp_path_factory, web, tiny_models, ray_local):
     bucket = new_bucket()
     url_list = upload(tmp / "urls.parquet", f"s3://{bucket}/lists/urls.parquet")
     remote = s3_spec(local, url_list, f"s3://{bucket}/job")
-    job = tmp / "job.yaml"
-    job.write_text(yaml.safe_dump(remote.to_dict()))
-    assert main(["run", str(job)]) == 0
-    local_result = run_job(local, log=lambda _: None)
+    (tmp / "remote").mkdir()
+    run_in_own_process(remote, tmp / "remote")
+    local_result = run_in_own_process(local, tmp)
     return remote, local, local_result, rows, tmp
 
 
@@ -109,7 +118,7 @@ def test_the_output_on_s3_reads_back_with_pyarrow_and_tarfile(jobs):
     kept = {k for k, r in records.items() if r["status"] == Fate.KEPT}
     assert Counter(name.partition(".")[0] for name in members) == Counter({k: 3 for k in kept})
     for key in kept:
-        assert members[f"{key}.txt"].decode() == records[key]["selected_caption"]
+        assert members[f"{key}.txt"].decode() == records[key]["caption"]
         assert json.loads(members[f"{key}.json"]) == json.loads(json.dumps(sample_record(records[key])))
     every = s3().find(prefix)
     assert not [p for p in every if ".tmp" in p or "/_tmp" in p], every  # objects are written whole
@@ -207,7 +216,7 @@ def test_rethreshold_from_s3_to_s3_equals_the_local_rethreshold(jobs, tmp_path):
     assert any(" 0 to caption and filter" in line for line in logs), logs
 
 
-def test_retry_failed_on_s3_folds_the_rows_in(tmp_path, web, tiny_models, capsys, fresh_ray):
+def test_retry_failed_on_s3_folds_the_rows_in(tmp_path, web, tiny_models):
     site, pairs = web
     body = jpeg_bytes(render_scene(700)[0])
     site.add("/s3/flaky.jpg", Route(status=503))
@@ -218,11 +227,12 @@ def test_retry_failed_on_s3_folds_the_rows_in(tmp_path, web, tiny_models, capsys
     remote = s3_spec(
         local, upload(tmp_path / "urls.parquet", f"s3://{bucket}/urls.parquet"), f"s3://{bucket}/job"
     )
-    first = run_job(remote, log=lambda _: None)
+    first = run_in_own_process(remote, tmp_path)
     assert first.manifest["counts"][Fate.DOWNLOAD_FAILED] == 1
     site.add("/s3/flaky.jpg", Route(body=body, headers=(("Content-Type", "image/jpeg"),)))
-    assert main(["retry-failed", remote.output.path]) == 0
-    assert "retried 1 rows whose download had failed" in capsys.readouterr().out
+    retried = capfilt("retry-failed", remote.output.path)
+    assert retried.returncode == 0, retried.stderr[-3000:]
+    assert "retried 1 rows whose download had failed" in retried.stdout
     records = s3_records(f"{bucket}/job")
     assert len(records) == len(rows)
     flaky = next(r for r in records.values() if r["url"] == site.url("/s3/flaky.jpg"))

@@ -14,9 +14,9 @@ from pipeline.spec.records import COLUMN_DOCS, SHARD_SCHEMA, describe_schema, em
 ROOT = Path(__file__).resolve().parent.parent
 SHARD_SCHEMA_FILE = ROOT / "schemas" / "shard.schema.json"
 COLUMNS = [
-    "key", "url", "caption", "status", "error", "width", "height", "sha256",
-    "synthetic_captions", "caption_itm", "synthetic_itm", "kept_captions", "selected_caption",
-    "caption_itc", "synthetic_itc", "image_embedding",
+    "key", "url", "caption", "web_caption", "status", "error", "width", "height", "sha256",
+    "synthetic_captions", "web_caption_itm", "synthetic_itm", "web_caption_itc", "synthetic_itc",
+    "kept_captions", "image_embedding",
 ]  # fmt: skip
 
 
@@ -46,11 +46,11 @@ def test_columns_are_the_contract_in_order():
         ("height", pa.int32(), True),
         ("sha256", pa.string(), True),
         ("synthetic_captions", pa.list_(pa.string()), True),
-        ("caption_itm", pa.float32(), True),
+        ("web_caption", pa.string(), True),
+        ("web_caption_itm", pa.float32(), True),
         ("synthetic_itm", pa.list_(pa.float32()), True),
         ("kept_captions", pa.list_(pa.struct([("text", pa.string()), ("source", pa.string()), ("itm", pa.float32()), ("itc", pa.float32())])), True),
-        ("selected_caption", pa.string(), True),
-        ("caption_itc", pa.float32(), True),
+        ("web_caption_itc", pa.float32(), True),
         ("synthetic_itc", pa.list_(pa.float32()), True),
         ("image_embedding", pa.list_(pa.float16(), 256), True),
     ],

@@ -33,7 +33,7 @@ def report(curated_job, tmp_path_factory) -> tuple[Path, ET.Element]:
     parquet = JobOutput.open(out).layout.shard_parquet("00000")
     table = pq.read_table(parquet)
     rows = table.to_pylist()
-    rows[0]["caption"] = HOSTILE
+    rows[0]["web_caption"] = HOSTILE
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), parquet)
     path = out.parent / "report.html"
     assert main(["inspect", str(out), "--html", str(path), "--samples", "100"]) == 0

@@ -8,15 +8,17 @@ import os
 import shutil
 from collections import Counter
 
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
 from pipeline.cli import main
 from pipeline.curate.decide import candidates
 from pipeline.job.rethreshold import rethreshold
+from pipeline.job.retry import retry_failed
 from pipeline.job.runner import run_job
 from pipeline.output.job_output import JobOutput, OutputError
-from pipeline.spec.config import typed_spec
+from pipeline.spec.config import KeepSpec, typed_spec
 from pipeline.spec.fates import Fate
 from pipeline.spec.layout import OutputLayout
 from tests.conftest import make_spec, read_records, tar_keys
@@ -60,7 +62,7 @@ def test_higher_thresholds_keep_fewer_and_account_for_every_row(curated_job, tmp
                 assert new == old  # failure fates do not depend on the threshold
                 continue
             found = candidates(
-                new["caption"], new["caption_itm"], new["synthetic_captions"], new["synthetic_itm"]
+                new["web_caption"], new["web_caption_itm"], new["synthetic_captions"], new["synthetic_itm"]
             )
             assert new["status"] == ("kept" if any(c.itm >= t for c in found) else "filtered")
             assert all(c["itm"] >= t for c in new["kept_captions"])
@@ -86,9 +88,9 @@ def test_top_k_by_itc_keeps_the_best_itc_caption_that_passes_itm(curated_job, tm
         passing = [c for c in original[key]["kept_captions"]]
         several += len(passing) > 1
         best = max(passing, key=lambda c: c["itc"])
-        assert r["kept_captions"] == [best] and r["selected_caption"] == best["text"]
+        assert r["kept_captions"] == [best] and r["caption"] == best["text"]
     assert several >= 5  # the rule had a choice to make
-    changed = sum(records[k]["selected_caption"] != original[k]["selected_caption"] for k in records)
+    changed = sum(records[k]["caption"] != original[k]["caption"] for k in records)
     assert changed > 0  # ITC and ITM disagree somewhere: --by is not a no-op
     spec = JobOutput.open(out).spec.filter.keep
     assert (spec.rule, spec.k, spec.by) == ("top_k", 1, "itc")
@@ -96,7 +98,7 @@ def test_top_k_by_itc_keeps_the_best_itc_caption_that_passes_itm(curated_job, tm
         s["__key__"]: s["txt"].decode()
         for s in wds.WebDataset(sorted(map(str, OutputLayout(out).shards.glob("*.tar"))), shardshuffle=False)
     }
-    assert texts == {k: r["selected_caption"] for k, r in records.items() if r["status"] == Fate.KEPT}
+    assert texts == {k: r["caption"] for k, r in records.items() if r["status"] == Fate.KEPT}
 
 
 def test_a_lower_threshold_keeps_images_the_job_filtered_with_their_pictures(curated_job, tmp_path):
@@ -175,3 +177,36 @@ def test_refusals_name_what_is_wrong(curated_job, tmp_path, capsys):
     )
     with pytest.raises(OutputError, match=r"raw downloads of 5 of 5 shards are gone .* rethreshold"):
         rethreshold(JobOutput.open(half), 0.6, tmp_path / "c")
+
+
+def test_an_output_of_shard_schema_1_reads_under_the_new_names(curated_job, tmp_path):
+    """An output as capfilt wrote it before schema 2 (web text in `caption`, training text in
+    `selected_caption`, no ITC): inspect and rethreshold read it under the new names, rethreshold
+    writes it anew in schema 2, and what would mix the two schemas is refused."""
+    old = tmp_path / "v1"
+    shutil.copytree(curated_job.layout.root, old, symlinks=True)
+    layout = OutputLayout(old)
+    v1 = {"caption": "selected_caption", "web_caption": "caption", "web_caption_itm": "caption_itm"}
+    for path in layout.shard_parquets():
+        table = pq.read_table(path.path).drop_columns(["web_caption_itc", "synthetic_itc", "image_embedding"])
+        pq.write_table(table.rename_columns([v1.get(n, n) for n in table.column_names]), path.path)
+    manifest = json.loads(layout.manifest.read_text())
+    del manifest["shard_schema"]
+    layout.manifest.write_text(json.dumps(manifest))
+    output = JobOutput.open(old)
+    assert output.shard_schema == 1
+    names = output.read_shard("00000").column_names
+    assert {"caption", "web_caption", "web_caption_itm"} <= set(names) and "selected_caption" not in names
+    assert main(["inspect", str(old)]) == 0
+    with pytest.raises(OutputError, match="shard schema 1, this capfilt writes schema 2"):
+        retry_failed(output, log=lambda _: None)
+    with pytest.raises(OutputError, match=r"--by itc: .* before capfilt stored ITC scores"):
+        rethreshold(output, None, tmp_path / "by-itc", KeepSpec(by="itc"))
+    rethreshold(output, 0.5, tmp_path / "v2")
+    now = {r["key"]: r for r in read_records(OutputLayout(tmp_path / "v2"))}
+    before = {r["key"]: r for r in read_records(curated_job.layout)}
+    assert {k: (r["caption"], r["web_caption"]) for k, r in now.items()} == {
+        k: (r["caption"], r["web_caption"]) for k, r in before.items()
+    }
+    assert all(r["synthetic_itc"] is None for r in now.values())  # the scores it never had
+    assert JobOutput.open(tmp_path / "v2").shard_schema == 2

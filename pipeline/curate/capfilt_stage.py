@@ -105,7 +105,7 @@ class CapFiltStage:
                 scores = self._score(itm_input, texts, [position[i] for i, _ in owners])
         for (i, c), itm, itc in zip(owners, scores.itm, scores.itc, strict=True):
             if c is None:
-                result["caption_itm"][i], result["caption_itc"][i] = itm, itc
+                result["web_itm"][i], result["web_itc"][i] = itm, itc
             else:
                 result["synthetic_itm"][i][c], result["synthetic_itc"][i][c] = itm, itc
         for j, i in enumerate(ok):
@@ -122,9 +122,9 @@ class CapFiltStage:
             "keys": chunk["keys"],
             "decode_errors": chunk["decode_errors"],
             "synthetic_captions": [[""] * k for _ in range(n)],
-            "caption_itm": [NOT_SCORED] * n,
+            "web_itm": [NOT_SCORED] * n,
             "synthetic_itm": [[NOT_SCORED] * k for _ in range(n)],
-            "caption_itc": [NOT_SCORED] * n,
+            "web_itc": [NOT_SCORED] * n,
             "synthetic_itc": [[NOT_SCORED] * k for _ in range(n)],
             "image_embedding": [b""] * n,  # float16 bytes (`EMBEDDING_DTYPE`); empty: not scored
             # Seconds in caption() and itm(); both end with their results on the host, so a GPU's

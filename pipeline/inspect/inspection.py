@@ -232,8 +232,8 @@ def _offer(
 
 def _web_candidates(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """Each row's web caption score, and whether the web caption was a candidate (non-empty, scored)."""
-    scores = table["caption_itm"]
-    text = pc.fill_null(pc.utf8_trim_whitespace(table["caption"]), "")
+    scores = table["web_caption_itm"]
+    text = pc.fill_null(pc.utf8_trim_whitespace(table["web_caption"]), "")
     present = pc.and_(pc.is_valid(scores), pc.not_equal(text, "")).to_numpy(zero_copy_only=False)
     return pc.fill_null(scores, -1.0).to_numpy(zero_copy_only=False).astype(np.float64), present
 

@@ -34,6 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.core.storage import Location
 from pipeline.curate.decide import SYNTHETIC, WEB
+from pipeline.spec.records import current_record
 
 Record = dict[str, Any]
 Shards = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
@@ -47,7 +48,7 @@ FSSPEC_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "ad
 class CaptionPolicy(StrEnum):
     """Which kept caption a sample is trained with."""
 
-    BEST = "best"  # the best kept caption, `selected_caption` (the tar's KEY.txt), or by `rank_by`
+    BEST = "best"  # the best kept caption, `caption` (the tar's KEY.txt), or by `rank_by`
     RANDOM_KEPT = "random_kept"  # a fresh pick among the kept captions each epoch, as BLIP's loader does
     WEB_ONLY = "web_only"  # the web caption; samples whose web caption was filtered out are skipped
     SYNTHETIC_ONLY = "synthetic_only"  # the best kept synthetic caption; samples without one skipped
@@ -121,14 +122,17 @@ class CapFiltDataset(IterableDataset):
             wds.SimpleShardList(self.shards, seed=f"{epoch_seed}/shards" if self.shuffle else None),
             lambda src: islice(islice(src, self.rank, None, self.world_size), worker, None, workers),
             _tar_samples,
-            wds.shuffle(self.shuffle, seed=f"{epoch_seed}/{self.rank}/{worker}") if self.shuffle else None,
+            # rng=, not seed=: webdataset 0.2.86 (what OpenCLIP pins) has no seed=; later ones seed alike
+            wds.shuffle(self.shuffle, rng=random.Random(f"{epoch_seed}/{self.rank}/{worker}"))
+            if self.shuffle
+            else None,
             self._pairs,
         )
         return iter(pipeline)
 
     def _pairs(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, ...]]:
         for sample in samples:
-            record = json.loads(sample["json"])
+            record = current_record(json.loads(sample["json"]))  # a schema 1 shard's too
             caption = self.caption(record)
             if caption is None:
                 continue
@@ -142,7 +146,7 @@ class CapFiltDataset(IterableDataset):
         if self.rank_by is not None:
             kept = _ranked(kept, self.rank_by, record["key"])
         if self.policy == CaptionPolicy.BEST:
-            return kept[0]["text"] if self.rank_by is not None else record["selected_caption"]
+            return kept[0]["text"] if self.rank_by is not None else record["caption"]
         if self.policy == CaptionPolicy.RANDOM_KEPT:
             # Seeded per sample, not per worker, so the pick does not depend on who reads the shard.
             return random.Random(f"{self.seed}/{self.epoch}/{record['key']}").choice(kept)["text"]

@@ -226,17 +226,20 @@ def _grid(rows: list[Row], threshold: float, thumbnails: dict[tuple[str, str], s
 def _card(row: Row, threshold: float, thumbnails: dict[tuple[str, str], str]) -> str:
     kept = {(c["text"], c["source"]) for c in row["kept_captions"] or []}
     found = candidates(
-        row["caption"], row["caption_itm"], row["synthetic_captions"] or [], row["synthetic_itm"] or []
+        row["web_caption"],
+        row["web_caption_itm"],
+        row["synthetic_captions"] or [],
+        row["synthetic_itm"] or [],
     )
     items = []
     if not any(c.source == WEB for c in found):
         items.append(
-            f'<li class="dropped"><span class="src web">web</span>{_e(repr(row["caption"] or ""))} '
+            f'<li class="dropped"><span class="src web">web</span>{_e(repr(row["web_caption"] or ""))} '
             "(empty: not scored)</li>"
         )
     for c in found:
         state = "kept" if (c.text, c.source) in kept else "dropped"
-        selected = " selected" if c.text == row["selected_caption"] and state == "kept" else ""
+        selected = " selected" if c.text == row["caption"] and state == "kept" else ""
         items.append(
             f'<li class="{state}{selected}"><span class="src {c.source}">{c.source}</span>'
             f'<span class="score" title="{c.itm!r}">{c.itm:.3f}</span>{_e(c.text)}</li>'
@@ -268,7 +271,7 @@ def _dropped(found: Inspection, thumbnails: dict[tuple[str, str], str]) -> str:
         else:
             content = _table(
                 ["key", "url", "web caption", "error"],
-                [(r["key"], r["url"], r["caption"], r["error"]) for r in sample.rows],
+                [(r["key"], r["url"], r["web_caption"], r["error"]) for r in sample.rows],
                 4,
             )
         parts.append(f'<h3 class="reason">{_e(title)}</h3>{content}')

@@ -31,10 +31,10 @@ from typing import Any
 from pipeline.core.storage import Location, read_parquet
 from pipeline.job.output_guard import claim_output
 from pipeline.output.job_output import JobOutput, OutputError
-from pipeline.output.manifest import build_manifest, check_accounting
+from pipeline.output.manifest import build_manifest, check_accounting, write_manifest
 from pipeline.output.shard_writer import ShardWriter, scores_from_records
 from pipeline.spec.config import KeepSpec
-from pipeline.spec.layout import IN_PROGRESS, OutputLayout, write_json_atomically
+from pipeline.spec.layout import IN_PROGRESS, OutputLayout
 
 
 def rethreshold(
@@ -46,6 +46,11 @@ def rethreshold(
         raise OutputError("name what changes: --threshold, or the keep rule (--keep, --k, --by)")
     if keep is not None and keep.k < 1:
         raise OutputError(f"--k: {keep.k}: keep at least 1 caption per image")
+    if keep is not None and keep.by == "itc" and not source.has_itc_scores():
+        raise OutputError(
+            f"--by itc: {source.layout.root}: its shards were written before capfilt stored ITC scores; "
+            "rank by itm, or run its job again with this capfilt"
+        )
     threshold = source.threshold if threshold is None else threshold
     if not 0 <= threshold <= 1:
         raise OutputError(f"--threshold: {threshold} is not an ITM probability between 0 and 1")
@@ -90,7 +95,7 @@ def rethreshold(
             "keep": dataclasses.asdict(source.spec.filter.keep),
         }
         check_accounting(manifest)
-        write_json_atomically(work.manifest, manifest)
+        write_manifest(work, manifest)
         if target.local:
             if target.exists():
                 os.rmdir(target)  # empty, checked above

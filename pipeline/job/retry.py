@@ -38,11 +38,11 @@ from pipeline.core.tars import read_jpegs
 from pipeline.job.output_guard import lock_output
 from pipeline.job.runner import JobResult, run_job
 from pipeline.output.job_output import JobOutput, OutputError
-from pipeline.output.manifest import build_manifest, check_accounting
+from pipeline.output.manifest import build_manifest, check_accounting, write_manifest
 from pipeline.output.shard_writer import Scores, ShardWriter, scores_from_records
 from pipeline.spec.config import InputSpec, JobSpec, OutputSpec
 from pipeline.spec.fates import Fate, add_counts, count_fates
-from pipeline.spec.layout import RETRY_DIR, OutputLayout, write_json_atomically
+from pipeline.spec.layout import RETRY_DIR, OutputLayout
 
 Log = Callable[[str], None]
 
@@ -69,6 +69,7 @@ def retry_failed(output: JobOutput, address: str | None = None, log: Log = print
     neither."""
     with lock_output(output.layout.root, log=log):
         shards = output.require_complete("retry its failed downloads")
+        output.require_current_schema("retry-failed")
         spec = output.spec
         work = output.layout.root / RETRY_DIR
         work.rmtree()
@@ -100,15 +101,15 @@ def retry_failed(output: JobOutput, address: str | None = None, log: Log = print
         work.rmtree()
         reports = output.layout.finished_reports(shards, spec.fingerprint())
         manifest = build_manifest(spec, output.input_rows, shards, reports, {})
-        write_json_atomically(output.layout.manifest, manifest)
+        write_manifest(output.layout, manifest)
         check_accounting(manifest)
         return RetryResult(manifest, retried, fates)
 
 
 def _failed_rows(output: JobOutput, shard: str) -> list[dict[str, Any]]:
-    """The shard's download_failed rows (key, url, caption and the extra input columns), in key order."""
+    """The shard's download_failed rows (key, url, web caption and the extra input columns), in key order."""
     extra = output.spec.input.extra_columns
-    table = output.read_shard(shard).select(["key", "url", "caption", "status", *extra])
+    table = output.read_shard(shard).select(["key", "url", "web_caption", "status", *extra])
     return table.filter(pc.equal(table["status"], Fate.DOWNLOAD_FAILED.value)).to_pylist()
 
 
@@ -117,7 +118,7 @@ def _write_failed_list(output: JobOutput, shards: list[str], path: Location) -> 
     (shard, failed rows) for the shards that have any."""
     plan = []
     # The extra columns ride along, so the retried rows carry them into the raw shard they are patched into.
-    columns = ["url", "caption", *output.spec.input.extra_columns]
+    columns = ["url", "web_caption", *output.spec.input.extra_columns]
     schema = pa.schema([(name, pa.string()) for name in columns])
     with path.writing() as stream, pq.ParquetWriter(stream, schema) as sink:
         for shard in shards:
@@ -137,7 +138,7 @@ def _run_retry_job(
             url_list=(work / "urls.parquet").uri,
             input_format="parquet",
             url_col="url",
-            caption_col="caption",
+            caption_col="web_caption",
             extra_columns=spec.input.extra_columns,
         ),
         # Kept: the retried rows' images are patched from its raw shards into OUT's.

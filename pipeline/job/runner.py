@@ -42,10 +42,10 @@ from pipeline.ingest.prepared_list import PreparedList, PrepareFailed
 from pipeline.ingest.url_list import ListPreparation, check_columns
 from pipeline.ingest.urlpolicy import NetworkPolicy
 from pipeline.job.output_guard import claim_output
-from pipeline.output.manifest import build_manifest, check_accounting
+from pipeline.output.manifest import build_manifest, check_accounting, write_manifest
 from pipeline.output.shard_writer import ShardWriter, scores_by_key
 from pipeline.spec.config import JobSpec
-from pipeline.spec.layout import OutputLayout, shard_name, write_json_atomically
+from pipeline.spec.layout import OutputLayout, shard_name
 
 Log = Callable[[str], None]
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -104,7 +104,7 @@ def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, log: 
         names = [shard_name(i) for i in range(math.ceil(rows / spec.output.shard_size))]
         # Written now, so that `capfilt inspect` can follow a job that is running or died half way.
         reports = layout.finished_reports(names, fingerprint)
-        write_json_atomically(layout.manifest, build_manifest(spec, rows, names, reports, {}))
+        write_manifest(layout, build_manifest(spec, rows, names, reports, {}))
         pending = [n for n in names if n not in reports]
         on_disk = sum(n in downloaded for n in pending)
         log(
@@ -120,7 +120,7 @@ def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, log: 
     actors = list(outcome.actors.values())
     timings = outcome.timings.as_dict()
     manifest = build_manifest(spec, rows, names, reports, outcome.errors, actors=actors, timings=timings)
-    write_json_atomically(layout.manifest, manifest)
+    write_manifest(layout, manifest)
     if prepare_failed:
         raise prepare_failed[0]  # the shards it held back are failed in the manifest
     check_accounting(manifest)

@@ -19,7 +19,7 @@ from pipeline.core.storage import parquet_file, read_parquet
 from pipeline.output.manifest import DONE, FAILED, PENDING
 from pipeline.spec.config import JobSpec, SpecError, typed_spec
 from pipeline.spec.layout import OutputLayout
-from pipeline.spec.records import embedding_size_of
+from pipeline.spec.records import SCHEMA_VERSION, current_names, embedding_size_of
 
 
 class OutputError(ValueError):
@@ -98,17 +98,43 @@ class JobOutput:
         """The size of the image embeddings its shards store, which a shard written again (by
         rethreshold or retry-failed) keeps; the filter checkpoint's, for an output written before
         shards had embeddings."""
-        written = [s.name for s in self.shards() if s.status == DONE]
-        if written:
-            size = embedding_size_of(parquet_file(self.layout.shard_parquet(written[0])).schema_arrow)
-            if size is not None:
-                return size
+        schema = self._stored_schema()
+        size = embedding_size_of(schema) if schema is not None else None
+        if size is not None:
+            return size
         from pipeline.curate.model_check import embedding_size
 
         return embedding_size(self.spec)
 
+    def has_itc_scores(self) -> bool:
+        """Its shards store ITC scores (those written before capfilt did have none to rank by)."""
+        schema = self._stored_schema()
+        return schema is None or "synthetic_itc" in schema.names
+
+    def _stored_schema(self) -> pa.Schema | None:
+        """The Arrow schema of its first written shard; None while none is written."""
+        written = [s.name for s in self.shards() if s.status == DONE]
+        return parquet_file(self.layout.shard_parquet(written[0])).schema_arrow if written else None
+
+    @property
+    def shard_schema(self) -> int:
+        """The version of its shards' columns (`records.SCHEMA_VERSION`; 1 before manifests said)."""
+        return int(self.manifest.get("shard_schema", 1))
+
     def read_shard(self, name: str) -> pa.Table:
-        return read_parquet(self.layout.shard_parquet(name))
+        """A shard's rows, with this schema's column names (a schema 1 shard's renamed)."""
+        table = read_parquet(self.layout.shard_parquet(name))
+        return table.rename_columns(current_names(table.column_names))
+
+    def require_current_schema(self, command: str) -> None:
+        """`command` rewrites some of the shards in place: refused where that would mix two schemas."""
+        if self.shard_schema != SCHEMA_VERSION:
+            raise OutputError(
+                f"{self.layout.root}: its shards have the columns of shard schema {self.shard_schema}, "
+                f"this capfilt writes schema {SCHEMA_VERSION}, and {command} rewrites only some of them; "
+                "write it anew first with `capfilt rethreshold OUT --threshold T --out NEW` (every shard "
+                "in the new schema, from the stored scores), then run it on NEW"
+            )
 
     def require_complete(self, command: str) -> list[str]:
         """The shard names, all done: `command` needs every shard written (it rewrites the output)."""

@@ -16,7 +16,8 @@ from pipeline import __version__
 from pipeline.ingest.prepared_list import PreparedList
 from pipeline.spec.config import JobSpec
 from pipeline.spec.fates import add_counts, count_fates
-from pipeline.spec.layout import OutputLayout
+from pipeline.spec.layout import OutputLayout, write_json_atomically
+from pipeline.spec.records import SCHEMA_VERSION
 
 DONE = "done"
 PENDING = "pending"
@@ -61,6 +62,7 @@ def build_manifest(
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "spec": spec.to_dict(),
         "fingerprint": spec.fingerprint(),
+        "shard_schema": SCHEMA_VERSION,  # of the Parquet columns (`schemas/shard.schema.json`)
         "models": {"captioner": spec.captioner.model, "filter": spec.filter.model},
         "versions": package_versions(),
         "input_rows": input_rows,
@@ -74,6 +76,22 @@ def build_manifest(
         # Where that run's time went (`pipeline.core.timings`); empty for a manifest no run wrote.
         "timings": timings or {},
     }
+
+
+def write_manifest(layout: OutputLayout, manifest: dict[str, Any]) -> None:
+    """The manifest, and first `shards/sizes.json`, the samples in each tar: {"00000.tar": 812, ...}
+    for the shards written so far that kept a row (a shard that kept none has no tar). Trainers that
+    read img2dataset-style folders (OpenCLIP's `--dataset-type webdataset`) count the samples from it."""
+    sizes = {
+        f"{s['shard']}.tar": s["counts"]["kept"]
+        for s in manifest["shards"]
+        if s["status"] == DONE and s["counts"]["kept"]
+    }
+    path = layout.shards / "sizes.json"
+    if not path.exists() or path.read_json() != sizes:  # a run that finds all done rewrites nothing
+        layout.shards.mkdir()
+        write_json_atomically(path, sizes)
+    write_json_atomically(layout.manifest, manifest)
 
 
 def _duplicate_urls(spec: JobSpec) -> int | None:

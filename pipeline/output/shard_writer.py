@@ -32,7 +32,7 @@ from pipeline.ingest.url_list import CAPTION, ERROR, FATE, URL, extra_column, ex
 from pipeline.spec.config import CAPFILT_KEEP, JobSpec, KeepSpec
 from pipeline.spec.fates import Fate, count_fates
 from pipeline.spec.layout import OutputLayout, write_json_atomically
-from pipeline.spec.records import BLIP_EMBEDDING_SIZE, EMBEDDING_DTYPE, shard_schema
+from pipeline.spec.records import BLIP_EMBEDDING_SIZE, EMBEDDING_DTYPE, current_record, shard_schema
 
 Record = dict[str, Any]
 
@@ -46,9 +46,9 @@ class Scores:
 
     decode_error: str
     synthetic_captions: list[str]
-    caption_itm: float | None
+    web_itm: float | None
     synthetic_itm: list[float]
-    caption_itc: float | None = None
+    web_itc: float | None = None
     synthetic_itc: list[float] | None = None  # None: not scored (a shard written before ITC)
     image_embedding: np.ndarray | None = None  # float16
 
@@ -62,9 +62,9 @@ def scores_by_key(chunks: Iterable[Chunk]) -> dict[str, Scores]:
             found[key] = Scores(
                 decode_error=str(c["decode_errors"][i]),
                 synthetic_captions=[str(t) for t in c["synthetic_captions"][i]],
-                caption_itm=_scored(c["caption_itm"][i]),
+                web_itm=_scored(c["web_itm"][i]),
                 synthetic_itm=[_as_stored(s) for s in c["synthetic_itm"][i]],
-                caption_itc=_scored(c["caption_itc"][i]),
+                web_itc=_scored(c["web_itc"][i]),
                 synthetic_itc=[_as_stored(s) for s in c["synthetic_itc"][i]],
                 image_embedding=np.frombuffer(embedding, EMBEDDING_DTYPE) if embedding else None,
             )
@@ -75,15 +75,15 @@ def scores_from_records(records: Iterable[Record]) -> dict[str, Scores]:
     """The scores an output shard stores, by key: what rethreshold and retry-failed write a shard from
     again, through the same `ShardWriter` as the job, instead of running the models again."""
     found = {}
-    for r in records:
+    for r in map(current_record, records):  # a shard of schema 1 too
         if r["status"] in (Fate.KEPT, Fate.FILTERED):
             embedding = r.get("image_embedding")
             found[r["key"]] = Scores(
                 "",
                 r["synthetic_captions"],
-                r["caption_itm"],
+                r["web_caption_itm"],
                 r["synthetic_itm"],
-                r.get("caption_itc"),
+                r.get("web_caption_itc"),
                 r.get("synthetic_itc"),
                 None if embedding is None else np.asarray(embedding, EMBEDDING_DTYPE),
             )
@@ -130,7 +130,10 @@ class ShardWriter:
         records = sorted((self.record(row, scores.get(row["key"])) for row in raw), key=lambda r: r["key"])
         kept = {r["key"]: r for r in records if r["status"] == Fate.KEPT}
         self.layout.shards.mkdir()
-        self._write_tar(shard, kept)
+        if kept:
+            self._write_tar(shard, kept)
+        else:  # no tar: an empty one trips readers that infer types from a first tar (`datasets`)
+            self.layout.shard_tar(shard).unlink(missing_ok=True)
         with self.layout.shard_parquet(shard).writing() as stream:
             schema = shard_schema(extra_names(table.schema.names), self.embedding_size)
             pq.write_table(pa.Table.from_pylist(records, schema=schema), stream)
@@ -141,6 +144,7 @@ class ShardWriter:
             "counts": count_fates(r["status"] for r in records),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        write_json_atomically(self.layout.shards / f"{shard}_stats.json", img2dataset_stats(report))
         write_json_atomically(self.layout.shard_report(shard), report)
         return report
 
@@ -149,19 +153,19 @@ class ShardWriter:
         record: Record = {
             "key": row["key"],
             "url": row[URL],
-            "caption": row[CAPTION],
+            "caption": None,
+            "web_caption": row[CAPTION],
             "status": None,
             "error": None,
             "width": None,
             "height": None,
             "sha256": None,
             "synthetic_captions": None,
-            "caption_itm": None,
+            "web_caption_itm": None,
             "synthetic_itm": None,
-            "kept_captions": None,
-            "selected_caption": None,
-            "caption_itc": None,
+            "web_caption_itc": None,
             "synthetic_itc": None,
+            "kept_captions": None,
             "image_embedding": None,
             # The input's extra columns, after the fixed ones, under their input names.
             **{name: row[extra_column(name)] for name in extra_names(row)},
@@ -184,43 +188,66 @@ class ShardWriter:
             return {**record, "status": Fate.DECODE_FAILED.value, "error": scores.decode_error}
         found = candidates(
             row[CAPTION],
-            scores.caption_itm,
+            scores.web_itm,
             scores.synthetic_captions,
             scores.synthetic_itm,
-            scores.caption_itc,
+            scores.web_itc,
             scores.synthetic_itc,
         )
         kept, selected = decide(found, self.threshold, self.keep)
         embedding = scores.image_embedding if self.keep_embeddings else None
         return {
             **record,
+            "caption": selected,
             "status": (Fate.KEPT if kept else Fate.FILTERED).value,
             "synthetic_captions": scores.synthetic_captions,
-            "caption_itm": scores.caption_itm,
+            "web_caption_itm": scores.web_itm,
             "synthetic_itm": scores.synthetic_itm,
-            "kept_captions": [{"text": c.text, "source": c.source, "itm": c.itm, "itc": c.itc} for c in kept],
-            "selected_caption": selected,
-            "caption_itc": scores.caption_itc,
+            "web_caption_itc": scores.web_itc,
             "synthetic_itc": scores.synthetic_itc,
+            "kept_captions": [{"text": c.text, "source": c.source, "itm": c.itm, "itc": c.itc} for c in kept],
             "image_embedding": embedding,
         }
 
     def _write_tar(self, shard: str, kept: Mapping[str, Record]) -> None:
-        """KEY.jpg (the downloaded bytes, untouched), KEY.json (the record but its embedding, which the
-        Parquet holds), KEY.txt (selected)."""
+        """KEY.jpg (the downloaded bytes, untouched), KEY.json (`sample_record`), KEY.txt (the caption)."""
         images = read_jpegs(self.layout.raw_tar(shard), kept)
         target = self.layout.shard_tar(shard)
         with target.writing() as stream, wds.TarWriter(stream, mtime=_TAR_MTIME) as sink:
             for key, record in kept.items():
-                sink.write({"__key__": key, "jpg": images[key], "json": _sample_json(record),
-                            "txt": record["selected_caption"].encode()})  # fmt: skip
+                sample = json.dumps(sample_record(record)).encode()
+                sink.write(
+                    {"__key__": key, "jpg": images[key], "json": sample, "txt": record["caption"].encode()}
+                )
+
+
+# Null in some kept rows and not in others: a reader that types the JSON from its first samples
+# (`datasets`' webdataset builder reads 5) would type them null and fail on the first value.
+_ONLY_IN_PARQUET = ("error", "web_caption_itm", "web_caption_itc", "image_embedding")
 
 
 def sample_record(record: Record) -> Record:
-    """What a kept row's KEY.json holds: its record but the embedding (512 bytes of float16 would be
-    some 3 KB of JSON; the Parquet holds it)."""
-    return {k: v for k, v in record.items() if k != "image_embedding"}
+    """What a kept row's KEY.json holds: its record with every field typed the same in every sample.
+    Left out, as the Parquet holds them: `error` (null for a kept row), the web caption's scores (null
+    when it is blank; a kept web caption's are in `kept_captions`) and the embedding (512 bytes of
+    float16 would be some 3 KB of JSON). A string the input did not have is "" (`web_caption`, extra
+    columns)."""
+    return {k: "" if v is None else v for k, v in record.items() if k not in _ONLY_IN_PARQUET}
 
 
-def _sample_json(record: Record) -> bytes:
-    return json.dumps(sample_record(record)).encode()
+def img2dataset_stats(report: dict[str, Any]) -> dict[str, Any]:
+    """`shards/NNNNN_stats.json` in img2dataset's form (its `successes` are the samples in the tar),
+    for the readers of img2dataset outputs that count samples from it, with capfilt's fates beside.
+    No times (img2dataset's have them): the shard's files are a function of its data, byte for byte;
+    the report holds when it was written."""
+    counts = report["counts"]
+    return {
+        "count": report["rows"],
+        "successes": counts[Fate.KEPT],
+        "failed_to_download": counts[Fate.DOWNLOAD_FAILED]
+        + counts[Fate.BLOCKED]
+        + counts[Fate.INVALID_INPUT],
+        "failed_to_resize": counts[Fate.DECODE_FAILED],
+        "filtered": counts[Fate.FILTERED],
+        "status_dict": counts,
+    }

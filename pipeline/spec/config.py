@@ -24,6 +24,7 @@ from pipeline.core.messages import printable
 from pipeline.core.storage import Location, is_uri
 from pipeline.spec.bundled import bundled_path
 from pipeline.spec.list_files import ListFilesError, list_files
+from pipeline.spec.records import SCHEMA_VERSION
 
 DEFAULT_DISALLOWED_HEADER_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 
@@ -172,6 +173,7 @@ class JobSpec:
         resized and still resume; a changed threshold or model makes old shards stale.
         """
         sections = self._sections("input", "download", "captioner", "filter")
+        sections["shard_schema"] = SCHEMA_VERSION  # a shard of another schema is rewritten, not mixed in
         if not self.output.image_embeddings:  # added later: left out at its default, as `_ADDED_LATER`
             sections["image_embeddings"] = False
         return _hash(sections)

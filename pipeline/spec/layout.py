@@ -3,9 +3,11 @@
     _input/NNNNN.parquet     the URL list after the policy check, by input shard (img2dataset's
                              input), and _input/_prepared.json once all of it is
     downloads/NNNNN.tar      raw shards from img2dataset (+ .parquet, _stats.json)
-    shards/NNNNN.tar         WebDataset: kept samples only
+    shards/NNNNN.tar         WebDataset: kept samples only (no tar for a shard that kept none)
     shards/NNNNN.parquet     one row per input row
+    shards/NNNNN_stats.json  img2dataset-style counts
     shards/NNNNN.done.json   the shard's report, written last: the completion marker
+    shards/sizes.json        samples per tar, with the manifest
     manifest.json            the job's record
 
 `output.path` is a local path or an fsspec URI (`pipeline.core.storage`): every name here is a
@@ -88,18 +90,20 @@ class OutputLayout:
         return sorted(p.name.removesuffix("_stats.json") for p in self.downloads.glob("*_stats.json"))
 
     def finished_reports(self, shards: list[str], fingerprint: str) -> dict[str, dict[str, Any]]:
-        """The reports of those `shards` that are complete (tar, Parquet and `done.json` present) and
-        were made by the spec with this fingerprint. From one listing of `shards/`, not three lookups
-        per shard: on an object store each lookup is a request, and a job has thousands of shards."""
+        """The reports of those `shards` that are complete (Parquet and `done.json` present, and the
+        tar where the shard kept a row) and were made by the spec with this fingerprint. From one
+        listing of `shards/`, not three lookups per shard: on an object store each lookup is a
+        request, and a job has thousands of shards."""
         present = {p.name for p in self.shards.files()}
         found = {}
         for shard in shards:
-            if {f"{shard}.done.json", f"{shard}.tar", f"{shard}.parquet"} <= present:
+            if {f"{shard}.done.json", f"{shard}.parquet"} <= present:
                 try:
                     report = self.shard_report(shard).read_json()
                 except OSError:  # rewritten or removed since the listing (retry-failed does that)
                     continue
-                if report.get("fingerprint") == fingerprint:
+                tar_there = f"{shard}.tar" in present or not report["counts"]["kept"]
+                if report.get("fingerprint") == fingerprint and tar_there:
                     found[shard] = report
         return found
 

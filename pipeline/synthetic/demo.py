@@ -29,10 +29,10 @@ def examples(result: JobResult, n: int = 3) -> str:
     threshold = result.manifest["spec"]["filter"]["threshold"]
     lines = ["web captions the filter dropped, and the caption kept instead:"]
     for path in result.layout.shard_parquets():
-        for row in read_parquet(path, columns=["caption", "caption_itm", "selected_caption"]).to_pylist():
-            score = row["caption_itm"]
-            if score is not None and score < threshold and row["selected_caption"] is not None:
-                lines.append(f"  {row['caption'][:60]!r} (itm {score:.2f}) -> {row['selected_caption']!r}")
+        for row in read_parquet(path, columns=["web_caption", "web_caption_itm", "caption"]).to_pylist():
+            score = row["web_caption_itm"]
+            if score is not None and score < threshold and row["caption"] is not None:
+                lines.append(f"  {row['web_caption'][:60]!r} (itm {score:.2f}) -> {row['caption']!r}")
             if len(lines) > n:
                 return "\n".join(lines)
     return "\n".join(lines)

@@ -75,7 +75,7 @@ class _Outcome:
     def __init__(self, pair: Pair, row: dict[str, Any]) -> None:
         self.pair = pair
         self.status: str = row["status"]
-        self.web_itm: float = math.nan if row["caption_itm"] is None else float(row["caption_itm"])
+        self.web_itm: float = math.nan if row["web_caption_itm"] is None else float(row["web_caption_itm"])
         self.synthetic: list[tuple[str, float]] = [
             (text, math.nan if score is None else float(score))
             for text, score in zip(row["synthetic_captions"] or [], row["synthetic_itm"] or [], strict=True)
