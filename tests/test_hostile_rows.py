@@ -187,8 +187,8 @@ def rows_jobs(tmp_path_factory, web, tiny_models) -> RowsJobs:
         for name, row in zip(names, rows, strict=True):
             records.setdefault(name, []).append(row)
         columns[job] = pq.read_schema(result.layout.shard_parquet("00000")).names
-        tars = [str(p) for p in result.layout.shards.glob("*.tar")]
-        for s in wds.WebDataset(tars, shardshuffle=False, empty_check=False):
+        tars = [str(p) for p in result.layout.shards.glob("*.tar")]  # none where a job kept no row
+        for s in wds.WebDataset(tars, shardshuffle=False, empty_check=False) if tars else []:
             record = json.loads(s["json"])  # keys repeat across the jobs; with the URL they do not
             samples[(record["url"], s["__key__"])] = {"json": record, "txt": s["txt"]}
     return RowsJobs(records, samples, manifests, columns)
