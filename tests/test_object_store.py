@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from torch.utils.data import DataLoader
 
 from pipeline.cli import main
@@ -26,6 +25,7 @@ from pipeline.job.rethreshold import rethreshold
 from pipeline.job.runner import run_job
 from pipeline.output.job_output import JobOutput, OutputError
 from pipeline.output.shard_writer import sample_record
+from pipeline.perf.job_run import run_watched
 from pipeline.spec.config import JobSpec, SpecError, spec_from_dict
 from pipeline.spec.fates import Fate
 from pipeline.spec.layout import RETRY_DIR, OutputLayout
@@ -33,26 +33,32 @@ from pipeline.synthetic.sample_web import Route, jpeg_bytes, render_scene
 from tests.conftest import make_spec, read_records
 from tests.s3 import new_bucket, s3, upload
 
+COMMAND_TIMEOUT_S = 300  # a job here takes under a minute
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # slow: moto's S3 and whole jobs on it
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_ray_per_command() -> Iterator[None]:
+    """The commands that stream a job run as processes of their own (`run_watched`, `capfilt`), each
+    with a Ray of its own (`RAY_ADDRESS=local`), as users run them. In this module's process, Ray
+    stalled four times in whole-suite runs (2026-12-06 and -07: an actor's readiness never delivered,
+    a stream's first chunk never came, a `ray.shutdown()` blocked in Ray's own GCS subscriber), never
+    in shorter runs; a stall in a process of its own ends at the timeout and fails one test, where
+    one in pytest's process hung the run."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ADDRESS", "local")
+        yield
+
+
 def capfilt(*args: str) -> subprocess.CompletedProcess:
-    """`capfilt ARGS` in a process of its own with a Ray of its own, as users run it, for the commands
-    that stream a job. In this module's process, its Ray stalled four times in whole-suite runs
-    (2026-12-06 and -07: an actor's readiness never delivered, a stream's first chunk never came, a
-    `ray.shutdown()` blocked in Ray's own GCS subscriber), never in shorter runs; a stall in a process
-    of its own ends at the timeout and fails one test, where one in pytest's process hung the run."""
-    env = {**os.environ, "RAY_ADDRESS": "local"}
+    """`capfilt ARGS` in a process of its own (a command other than `run`: `run_watched` runs jobs)."""
     command = [sys.executable, "-m", "pipeline.cli", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
 
 
 def run_in_own_process(spec: JobSpec, where: Path) -> JobOutput:
-    """`capfilt run` of `spec` (written to `where`/job.yaml) in its own process; its output."""
-    job = where / "job.yaml"
-    job.write_text(yaml.safe_dump(spec.to_dict()))
-    done = capfilt("run", str(job))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    """`capfilt run` of `spec` in its own process (`where`/job.yaml); its output."""
+    run_watched(spec, where / "job.yaml", timeout_s=COMMAND_TIMEOUT_S)
     return JobOutput.open(spec.output.path)
 
 

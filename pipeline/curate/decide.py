@@ -50,15 +50,19 @@ def decide(
 ) -> tuple[list[Candidate], str | None]:
     """Kept captions, best first by `keep.by` (ties keep the web caption first), and the selected one:
     every caption whose ITM passes the threshold, or under `top_k` the k best of them."""
-    passing = [c for c in found if c.itm >= threshold]
-    if keep.by == "itc":
-        if any(c.itc is None for c in passing):
-            raise ValueError(
-                "ranking by ITC needs ITC scores, and this shard was written before capfilt stored them"
-            )
-        kept = sorted(passing, key=lambda c: -c.itc)
-    else:
-        kept = sorted(passing, key=lambda c: -c.itm)
+    kept = ranked([c for c in found if c.itm >= threshold], keep.by)
     if keep.rule == "top_k":
         kept = kept[: keep.k]
     return kept, (kept[0].text if kept else None)
+
+
+def ranked(found: Sequence[Candidate], by: str) -> list[Candidate]:
+    """Best first by `by` ("itm" or "itc"); a stable sort, so ties keep their order (the web caption
+    first). Raises ValueError when ranking by ITC captions that have no ITC score."""
+    if by == "itc":
+        if any(c.itc is None for c in found):
+            raise ValueError(
+                "ranking by ITC needs ITC scores, and this shard was written before capfilt stored them"
+            )
+        return sorted(found, key=lambda c: -c.itc)
+    return sorted(found, key=lambda c: -c.itm)

@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.core.storage import Location
-from pipeline.curate.decide import SYNTHETIC, WEB
+from pipeline.curate.decide import SYNTHETIC, WEB, Candidate, ranked
 from pipeline.spec.records import current_record
 
 Record = dict[str, Any]
@@ -155,10 +155,14 @@ class CapFiltDataset(IterableDataset):
 
 
 def _ranked(kept: list[Record], by: str, key: str) -> list[Record]:
-    """The kept captions best first by `by` (a stable sort: ties keep the job's order)."""
-    if any(c.get(by) is None for c in kept):
-        raise ValueError(f"sample {key}: its kept captions have no {by} score (a shard written before ITC)")
-    return sorted(kept, key=lambda c: -c[by])
+    """The kept captions best first by `by`, as the job ranks them (`decide.ranked`)."""
+    try:
+        order = ranked([Candidate(c["text"], c["source"], c["itm"], c.get("itc")) for c in kept], by)
+    except ValueError:
+        raise ValueError(
+            f"sample {key}: its kept captions have no {by} score (a shard written before ITC)"
+        ) from None
+    return [{"text": c.text, "source": c.source, "itm": c.itm, "itc": c.itc} for c in order]
 
 
 def shard_list(shards: Shards) -> list[str]:

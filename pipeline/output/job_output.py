@@ -112,9 +112,10 @@ class JobOutput:
         return schema is None or "synthetic_itc" in schema.names
 
     def _stored_schema(self) -> pa.Schema | None:
-        """The Arrow schema of its first written shard; None while none is written."""
-        written = [s.name for s in self.shards() if s.status == DONE]
-        return parquet_file(self.layout.shard_parquet(written[0])).schema_arrow if written else None
+        """The Arrow schema of the first shard the manifest lists as written (one footer read, not the
+        listing and reports `shards()` reads); None while none is written."""
+        done = [entry["shard"] for entry in self.manifest["shards"] if entry["status"] == DONE]
+        return parquet_file(self.layout.shard_parquet(done[0])).schema_arrow if done else None
 
     @property
     def shard_schema(self) -> int:

@@ -229,8 +229,8 @@ _ONLY_IN_PARQUET = ("error", "web_caption_itm", "web_caption_itc", "image_embedd
 def sample_record(record: Record) -> Record:
     """What a kept row's KEY.json holds: its record with every field typed the same in every sample.
     Left out, as the Parquet holds them: `error` (null for a kept row), the web caption's scores (null
-    when it is blank; a kept web caption's are in `kept_captions`) and the embedding (512 bytes of
-    float16 would be some 3 KB of JSON). A string the input did not have is "" (`web_caption`, extra
+    when it is blank; a kept web caption's are in `kept_captions`) and the embedding (its 512 bytes
+    of float16 are about 4.8 KB as JSON numbers). A string the input did not have is "" (`web_caption`, extra
     columns)."""
     return {k: "" if v is None else v for k, v in record.items() if k not in _ONLY_IN_PARQUET}
 

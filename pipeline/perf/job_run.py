@@ -34,8 +34,9 @@ class JobRun:
         return self.manifest["timings"]
 
 
-def run_watched(spec: JobSpec, job_file: Path) -> JobRun:
-    """Run the job to the end in a child process; raise with its log's tail if it did not complete."""
+def run_watched(spec: JobSpec, job_file: Path, timeout_s: float | None = None) -> JobRun:
+    """Run the job to the end in a child process; raise with its log's tail if it did not complete,
+    or if it was still running after `timeout_s` (then it is killed)."""
     job_file.write_text(yaml.safe_dump(spec.to_dict()))
     log_file = job_file.with_suffix(".log")
     start, started_at = time.perf_counter(), time.time()
@@ -44,7 +45,12 @@ def run_watched(spec: JobSpec, job_file: Path) -> JobRun:
             [sys.executable, "-m", "pipeline.cli", "run", str(job_file)], stdout=log, stderr=subprocess.STDOUT
         )
         with ProcessWatch(child.pid) as watch:
-            code = child.wait()
+            try:
+                code: int | str = child.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                code = f"nothing: killed after {timeout_s:g} s"
     wall = time.perf_counter() - start
     text = log_file.read_text()
     if code != 0:

@@ -99,7 +99,6 @@ _V1_NAMES = {
     "caption": "web_caption",
     "selected_caption": "caption",
     "caption_itm": "web_caption_itm",
-    "caption_itc": "web_caption_itc",
 }
 
 
