@@ -33,6 +33,20 @@ from pipeline.spec.layout import OutputLayout
 from pipeline.synthetic.sample_web import SamplePair, StaticSite, sample_web
 
 
+@pytest.fixture(autouse=True)
+def _stacks_when_hung(pytestconfig: pytest.Config) -> Iterator[None]:
+    """A test still running 10 s before pytest-timeout's limit ends the run with every thread's stack
+    in faulthandler's form, one line a frame. pytest-timeout's own dump is several times longer, and
+    CI keeps only the end of a run's output: once it cut off the thread that shows why a Ray Data
+    stream stopped (the stream executor's), leaving only the main thread waiting for it."""
+    import faulthandler
+
+    limit = float(pytestconfig.getini("timeout"))
+    faulthandler.dump_traceback_later(limit - 10, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModelPaths:
     return write_tiny_models(tmp_path_factory.mktemp("models"))

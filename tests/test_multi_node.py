@@ -70,7 +70,7 @@ def _by_key(layout: OutputLayout) -> dict[str, dict[str, Any]]:
 
 def _capfilt_actors(cluster) -> dict[str, dict[str, Any]]:
     """Every CapFilt actor this cluster has run, from the GCS's actor table: where Ray placed it."""
-    table = cluster.global_state.actor_table(None)
+    table = cluster.actor_table()
     return {a: info for a, info in table.items() if "_StageActor" in info["ActorClassName"]}
 
 
@@ -84,7 +84,7 @@ def clean_run(tmp_path_factory, cluster, job_rows, tiny_models):
 def test_one_actor_per_declared_gpu_on_distinct_worker_nodes(cluster, clean_run, job_rows):
     manifest, _, placed = clean_run
     assert manifest["complete"] and sum(manifest["counts"].values()) == len(job_rows)
-    workers = {node.node_id for node in cluster.worker_nodes}
+    workers = set(cluster.worker_node_ids)
     assert len(placed) == 2
     assert {
         a["Address"]["NodeID"] for a in placed.values()
@@ -93,9 +93,9 @@ def test_one_actor_per_declared_gpu_on_distinct_worker_nodes(cluster, clean_run,
     assert manifest["actors"] and {a["node"] for a in manifest["actors"]} <= workers
     assert all(len(a["gpu_ids"]) == 1 and a["device"] == "cpu" for a in manifest["actors"])
     # The bound on shards in flight lives with the driver, on the head: a lost worker never takes it.
-    table = cluster.global_state.actor_table(None).values()
+    table = cluster.actor_table().values()
     slots = [a["Address"]["NodeID"] for a in table if a["ActorClassName"].endswith("_Slots")]
-    assert slots and set(slots) == {cluster.head_node.node_id}
+    assert slots and set(slots) == {cluster.head_node_id}
 
 
 def test_a_killed_driver_resumes_to_the_uninterrupted_output(
@@ -128,8 +128,8 @@ def test_a_lost_worker_node_mid_job_costs_no_row(tmp_path, cluster, clean_run, j
     driver = _driver(job, cluster, log)
     done_when_lost = _wait_for_first_shard(layout, driver, log)
     placed = sorted(a["Address"]["NodeID"] for k, a in _capfilt_actors(cluster).items() if k not in before)
-    lost = next(iter(cluster.worker_nodes))
-    cluster.remove_node(lost, allow_graceful=False)
+    lost = cluster.worker_node_ids[0]
+    cluster.remove_worker(lost)
 
     assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
     manifest = json.loads(layout.manifest.read_text())
@@ -139,4 +139,4 @@ def test_a_lost_worker_node_mid_job_costs_no_row(tmp_path, cluster, clean_run, j
     assert len(records) == len(job_rows)  # every input row once: no duplicate, none lost
     assert records == _by_key(clean)
     # Half a GPU each: two actors on each GPU, so two and two on the two nodes (before one was lost).
-    assert len(placed) == 4 and placed.count(lost.node_id) == 2 and len(set(placed)) == 2
+    assert len(placed) == 4 and placed.count(lost) == 2 and len(set(placed)) == 2
