@@ -141,7 +141,10 @@ def _rethreshold(args: argparse.Namespace) -> int:
         job = output.spec.filter.keep
         given = {"rule": args.keep, "k": args.k, "by": args.by}
         keep = dataclasses.replace(job, **{name: value for name, value in given.items() if value is not None})
-    manifest = rethreshold(output, args.threshold, args.out, keep)
+    dedup = None
+    if args.near_threshold is not None:
+        dedup = dataclasses.replace(output.spec.filter.dedup, near_threshold=args.near_threshold)
+    manifest = rethreshold(output, args.threshold, args.out, keep, dedup)
     print(format_summary(manifest, args.out))
     return 0
 
@@ -179,6 +182,13 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
     report = run_quality(seed=args.seed, rows=args.rows, address=args.address)
     return _print_figures(format_report(report), report, args.json)
+
+
+def _bench_dedup(args: argparse.Namespace) -> int:
+    from pipeline.synthetic.dedup_bench import format_dedup_report, run_dedup_bench
+
+    report = run_dedup_bench(args.distinct, args.copies_per_kind, args.near_threshold, seed=args.seed)
+    return _print_figures(format_dedup_report(report), report, args.json)
 
 
 def _print_figures(table: str, figures: dict, json_file: str | None) -> int:
@@ -288,6 +298,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     rethreshold.add_argument("--k", type=int, help="captions kept per image under --keep top_k")
     rethreshold.add_argument("--by", choices=["itm", "itc"], help="what ranks the passing captions")
+    rethreshold.add_argument(
+        "--near-threshold",
+        type=float,
+        help="dedup altered copies at this image-embedding cosine (filter.dedup.near_threshold)",
+    )
     rethreshold.add_argument("--out", required=True, help="a new directory for the new output")
     rethreshold.set_defaults(handler=_rethreshold)
 
@@ -315,6 +330,16 @@ def _parser() -> argparse.ArgumentParser:
     quality.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     quality.add_argument("--address", help="Ray address of a running cluster")
     quality.set_defaults(handler=_bench_quality)
+
+    dedup = bench.add_parser("dedup", help="image dedup's recall and false merges on planted copies")
+    dedup.add_argument("--seed", type=int, default=0)
+    dedup.add_argument("--distinct", type=int, default=600, help="distinct images of the synthetic world")
+    dedup.add_argument(
+        "--copies-per-kind", type=int, default=40, help="planted copies of each of the 5 kinds"
+    )
+    dedup.add_argument("--near-threshold", type=float, help="filter.dedup.near_threshold for the job")
+    dedup.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    dedup.set_defaults(handler=_bench_dedup)
 
     perf = bench.add_parser("perf", help="speed per stage, Ray's cost, memory, the model vs a plain HF loop")
     perf.add_argument(

@@ -19,6 +19,7 @@ import yaml
 from pipeline import __version__
 from pipeline.spec.config import (
     CaptionerSpec,
+    DedupSpec,
     DownloadSpec,
     JobSpec,
     KeepSpec,
@@ -141,7 +142,7 @@ def test_a_minimal_spec_gets_every_default(url_list):
         ({"captioner": {"top_q": 0.9}}, [], "captioner.top_q: unknown key (did you mean 'top_p'?)"),
         ({"captionr": {}}, [], "captionr: unknown key (did you mean 'captioner'?)"),
         ({"zzz": {}}, [], "zzz: unknown key (allowed: captioner, download, filter, input, output, resources)"),
-        ({"filter": {"zzz": 1}}, [], "filter.zzz: unknown key (allowed: batch_size, itm_first_token, keep, max_words, model, text_normalise, threshold)"),
+        ({"filter": {"zzz": 1}}, [], "filter.zzz: unknown key (allowed: batch_size, dedup, itm_first_token, keep, max_words, model, text_normalise, threshold)"),
         ({}, ["download.thread_cont=4"], "download.thread_cont: unknown key (did you mean 'thread_count'?)"),
         ({"captioner": {"num_captions": "three"}}, [], "captioner.num_captions: expected integer, got 'three'"),
         ({"captioner": {"num_captions": True}}, [], "captioner.num_captions: expected integer, got True"),
@@ -424,6 +425,29 @@ def test_the_keep_rule_is_a_nested_section_checked_like_the_others(url_list):
             spec_from_dict(build(url_list, {"filter": {"keep": keep}}))
 
 
+def test_dedup_is_a_nested_section_and_near_dedup_needs_stored_embeddings(url_list):
+    spec = spec_from_dict(build(url_list, {"filter": {"dedup": {"near_threshold": 0.9}}}))
+    assert spec.filter.dedup == DedupSpec(exact=True, near_threshold=0.9)
+    assert typed_spec(spec.to_dict()) == spec
+    assert spec_from_dict(build(url_list)).filter.dedup == DedupSpec(exact=True, near_threshold=None)
+    for dedup, message in [
+        (
+            {"near_threshold": 0},
+            r"^filter\.dedup\.near_threshold: 0 is less than or equal to the minimum of 0",
+        ),
+        ({"near_threshold": 1.5}, r"^filter\.dedup\.near_threshold: 1\.5 is greater than the maximum of 1"),
+        ({"exact": "yes"}, r"^filter\.dedup\.exact: expected boolean"),
+        ({"near": 0.9}, r"^filter\.dedup\.near: unknown key \(allowed: exact, near_threshold\)"),
+    ]:
+        with pytest.raises(SpecError, match=message):
+            spec_from_dict(build(url_list, {"filter": {"dedup": dedup}}))
+    no_embeddings = {"filter": {"dedup": {"near_threshold": 0.9}}, "output": {"image_embeddings": False}}
+    with pytest.raises(
+        SpecError, match=r"^filter\.dedup\.near_threshold needs output\.image_embeddings: true"
+    ):
+        spec_from_dict(build(url_list, no_embeddings))
+
+
 def test_paths_become_absolute_for_workers_and_hub_names_stay_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "urls.parquet").write_bytes(b"")
@@ -452,9 +476,9 @@ def test_a_url_list_must_exist_on_disk_or_in_its_store(tmp_path, s3_endpoint):
 @pytest.mark.parametrize(
     ("raw", "before", "fingerprint", "download_fingerprint"),
     [
-        ({"input": {"url_list": "urls.parquet"}, "output": {"path": "out"}}, "b774acc3f143dc43", "dc2da93ef07fcac4", "5956a64ce322bed5"),
+        ({"input": {"url_list": "urls.parquet"}, "output": {"path": "out"}}, "b774acc3f143dc43", "2500118ab5ecf7d3", "5956a64ce322bed5"),
         ({"input": {"url_list": "urls.parquet", "url_col": "link"}, "output": {"path": "out", "shard_size": 16},
-          "filter": {"threshold": 0.3}, "download": {"timeout": 3}}, "13f0166f9f436060", "d27e898c443cbf8a", "4a13e1b76271ba23"),
+          "filter": {"threshold": 0.3}, "download": {"timeout": 3}}, "13f0166f9f436060", "defec0c739f184fc", "4a13e1b76271ba23"),
     ],
 )  # fmt: skip
 def test_settings_added_later_leave_earlier_downloads_theirs(raw, before, fingerprint, download_fingerprint):
@@ -463,8 +487,9 @@ def test_settings_added_later_leave_earlier_downloads_theirs(raw, before, finger
     rewritten once, on purpose: since the filter scores the BLIP way (`itm_first_token`,
     `text_normalise`, `max_words`, always in the fingerprint) and captions are decoded as BLIP
     decodes them, an old shard's scores would not be this code's; and since shard schema 2
-    (`caption` is the training text, the fingerprint holds the schema's version), its columns. Set away from its default, a
-    download setting added later does change both. (A job run settles `input_format` from the list's
+    (`caption` is the training text, the fingerprint holds the schema's version), its columns, and
+    since image dedup (`filter.dedup`, always in the fingerprint), its fates. Set away from its
+    default, a download setting added later does change both. (A job run settles `input_format` from the list's
     name, as here.)"""
     spec = typed_spec({**raw, "input": {**raw["input"], "input_format": "parquet"}})
     assert spec.download_fingerprint() == download_fingerprint

@@ -8,7 +8,15 @@ from pipeline.curate.decide import SYNTHETIC, WEB, Candidate, candidates, decide
 from pipeline.spec.config import KeepSpec
 from pipeline.spec.fates import Fate, add_counts, count_fates
 
-FATES = ["kept", "filtered", "download_failed", "decode_failed", "invalid_input", "blocked"]
+FATES = [
+    "kept",
+    "filtered",
+    "duplicate_image",
+    "download_failed",
+    "decode_failed",
+    "invalid_input",
+    "blocked",
+]
 
 
 @pytest.mark.parametrize(
@@ -167,6 +175,7 @@ def test_add_counts_adds_fate_by_fate():
     assert total == {
         "kept": 4,
         "filtered": 1,
+        "duplicate_image": 0,
         "download_failed": 0,
         "decode_failed": 0,
         "invalid_input": 0,

@@ -122,11 +122,11 @@ def test_an_interrupted_retry_leaves_unfinished_shards_that_a_run_finishes(
 
     real_write = ShardWriter.write
 
-    def dies_on_the_second_shard(writer, shard, scores):
+    def dies_on_the_second_shard(writer, shard, scores, duplicates):
         if shard == "00001":
             layout.shard_report(shard).unlink(missing_ok=True)  # as the real write starts
             raise KeyboardInterrupt
-        return real_write(writer, shard, scores)
+        return real_write(writer, shard, scores, duplicates)
 
     monkeypatch.setattr(ShardWriter, "write", dies_on_the_second_shard)
     with pytest.raises(KeyboardInterrupt):

@@ -121,6 +121,9 @@ class CapFiltStage:
             "chunk": chunk["chunk"],
             "keys": chunk["keys"],
             "decode_errors": chunk["decode_errors"],
+            # Passed on for the driver's dedup, which decides from the keep rule and these alone.
+            "captions": chunk["captions"],
+            "pixel_hashes": chunk["pixel_hashes"],
             "synthetic_captions": [[""] * k for _ in range(n)],
             "web_itm": [NOT_SCORED] * n,
             "synthetic_itm": [[NOT_SCORED] * k for _ in range(n)],

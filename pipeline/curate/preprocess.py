@@ -1,4 +1,4 @@
-"""CPU step: JPEG bytes to uint8 pixels at the captioner's input size.
+"""CPU step: JPEG bytes to uint8 pixels at the captioner's input size, and each image's `pixel_hash`.
 
 Runs on CPU workers so the GPU actor never waits on decoding. Pixels cross the process boundary
 as uint8 (a quarter of float32); rescaling and normalisation happen on the device, inside the
@@ -18,6 +18,7 @@ from pipeline.core.messages import one_line
 from pipeline.core.resources import Resources
 from pipeline.core.timings import stopwatch
 from pipeline.curate.chunks import Chunk
+from pipeline.curate.dedup import pixel_hash
 from pipeline.spec.config import SpecError
 
 
@@ -45,17 +46,24 @@ class PreprocessStage:
     def __call__(self, chunk: Chunk) -> Chunk:
         timing = {"preprocess_s": 0.0}
         pixels = np.zeros((len(chunk["keys"]), self.height, self.width, 3), dtype=np.uint8)
-        errors = []
+        errors, hashes = [], []
         with stopwatch(timing, "preprocess_s"):
             for i, data in enumerate(chunk.pop("jpegs")):
                 try:
-                    pixels[i] = self.decode(data)
+                    pixels[i], hashed = self._decode(data)
                     errors.append("")
+                    hashes.append(hashed)
                 except Exception as err:  # any decoder failure is this row's fate, not the job's
                     errors.append(f"decode: {type(err).__name__}: {err}")
-        return {**chunk, "pixels": pixels, "decode_errors": errors, **timing}
+                    hashes.append("")
+        return {**chunk, "pixels": pixels, "decode_errors": errors, "pixel_hashes": hashes, **timing}
 
     def decode(self, data: bytes) -> np.ndarray:
+        return self._decode(data)[0]
+
+    def _decode(self, data: bytes) -> tuple[np.ndarray, str]:
+        """The model's input pixels, and the `pixel_hash` of the image as stored (before that resize)."""
         with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB").resize((self.width, self.height), Image.Resampling.BICUBIC)
-            return np.asarray(rgb, dtype=np.uint8)
+            rgb = image.convert("RGB")
+            resized = rgb.resize((self.width, self.height), Image.Resampling.BICUBIC)
+            return np.asarray(resized, dtype=np.uint8), pixel_hash(np.asarray(rgb))

@@ -28,6 +28,7 @@ SHARDS_LISTED = 20  # with more shards than this, reports list only the unfinish
 NOT_WRITTEN = "(not written yet)"
 FILTERED_REASON = "no caption reached the threshold"
 WEB_REPLACED = "web caption dropped, image kept with a synthetic caption"
+DUPLICATE_REASON = "an earlier kept row shows the same image (duplicate_of)"
 Row = dict[str, Any]
 
 
@@ -175,7 +176,8 @@ def _add_shard(found: Inspection, shard: str, table: pa.Table, priority: np.ndar
     status = np.asarray(table["status"].to_pylist(), dtype=object)
     found.counts = add_counts(found.counts, count_fates(status))
     kept, filtered = status == Fate.KEPT, status == Fate.FILTERED
-    scored = kept | filtered
+    copies = status == Fate.DUPLICATE_IMAGE
+    scored = kept | filtered | copies
     found.scored_images += int(scored.sum())
     found.samples.offer(shard, table, scored, priority)
 
@@ -203,6 +205,7 @@ def _add_shard(found: Inspection, shard: str, table: pa.Table, priority: np.ndar
 
     web_kept = _web_kept(kept_captions)
     _offer(found, (Fate.FILTERED.value, FILTERED_REASON), shard, table, filtered, priority)
+    _offer(found, (Fate.DUPLICATE_IMAGE.value, DUPLICATE_REASON), shard, table, copies, priority)
     replaced = kept & web_present & ~web_kept
     found.web_replaced += int(replaced.sum())
     _offer(found, (Fate.KEPT.value, WEB_REPLACED), shard, table, replaced, priority)

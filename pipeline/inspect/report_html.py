@@ -24,7 +24,15 @@ from PIL import Image
 from pipeline import __version__
 from pipeline.core.tars import read_jpegs
 from pipeline.curate.decide import SYNTHETIC, WEB, candidates
-from pipeline.inspect.inspection import BINS, FILTERED_REASON, WEB_REPLACED, Inspection, Row, ScoreHistogram
+from pipeline.inspect.inspection import (
+    BINS,
+    DUPLICATE_REASON,
+    FILTERED_REASON,
+    WEB_REPLACED,
+    Inspection,
+    Row,
+    ScoreHistogram,
+)
 from pipeline.output.job_output import JobOutput
 from pipeline.output.summary import percent
 from pipeline.spec.fates import Fate
@@ -268,6 +276,12 @@ def _dropped(found: Inspection, thumbnails: dict[tuple[str, str], str]) -> str:
         title = f"{fate}: {reason} ({size} row{'s' if size != 1 else ''})"
         if (fate, reason) in _WITH_IMAGES:
             content = _grid(sample.rows, found.threshold, thumbnails)
+        elif fate == Fate.DUPLICATE_IMAGE:
+            content = _table(
+                ["key", "url", "web caption", "duplicate of"],
+                [(r["key"], r["url"], r["web_caption"], r["duplicate_of"]) for r in sample.rows],
+                4,
+            )
         else:
             content = _table(
                 ["key", "url", "web caption", "error"],
@@ -281,6 +295,8 @@ def _dropped(found: Inspection, thumbnails: dict[tuple[str, str], str]) -> str:
 def _group_size(found: Inspection, group: tuple[str, str]) -> int:
     if group == (Fate.FILTERED.value, FILTERED_REASON):
         return found.counts[Fate.FILTERED]
+    if group == (Fate.DUPLICATE_IMAGE.value, DUPLICATE_REASON):
+        return found.counts[Fate.DUPLICATE_IMAGE]
     if group == (Fate.KEPT.value, WEB_REPLACED):
         return found.web_replaced
     return found.errors[group]

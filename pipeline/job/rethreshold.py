@@ -1,13 +1,16 @@
-"""`capfilt rethreshold OUT --threshold T [--keep top_k --k K --by itc] --out NEW`: the job's output at
-another ITM threshold or keep rule, from the stored scores, with no model and no GPU.
+"""`capfilt rethreshold OUT --threshold T [--keep top_k --k K --by itc] [--near-threshold C] --out NEW`:
+the job's output at another ITM threshold, keep rule or near-dedup threshold, from the stored scores,
+pixel hashes and embeddings, with no model and no GPU.
 
 NEW becomes a complete output of the job's spec with `filter.threshold = T` (and `filter.keep`). The
 files of its `downloads/` and `_input/` are hard links to OUT's files (copies across file systems): no
 space is spent, and a later `retry-failed` on OUT, which replaces OUT's raw files, leaves NEW's as they
 were. Every output shard is written again by the job's own `ShardWriter` from the scores OUT stores,
-so the fates are decided by the very code that decided them the first time. NEW then reads like any job
-output: `capfilt inspect` shows it, `capfilt run` with its spec finds it complete, and a further
-rethreshold, even to a lower threshold that keeps images OUT filtered, finds their images.
+so the fates are decided by the very code that decided them the first time; dedup decides again over
+the rows the new rule keeps, in input order, from the stored pixel hashes and embeddings. NEW then
+reads like any job output: `capfilt inspect` shows it, `capfilt run` with its spec finds it complete,
+and a further rethreshold, even to a lower threshold that keeps images OUT filtered, finds their
+images.
 
 On a local or shared filesystem NEW is built in a hidden sibling directory and renamed into place
 when complete, so an interrupted rethreshold leaves no half-written NEW behind and can simply be run
@@ -29,21 +32,37 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.storage import Location, read_parquet
+from pipeline.curate.dedup import DuplicateIndex
 from pipeline.job.output_guard import claim_output
 from pipeline.output.job_output import JobOutput, OutputError
 from pipeline.output.manifest import build_manifest, check_accounting, write_manifest
-from pipeline.output.shard_writer import ShardWriter, scores_from_records
-from pipeline.spec.config import KeepSpec
+from pipeline.output.shard_writer import Scores, ShardWriter, scores_from_records
+from pipeline.spec.config import DedupSpec, KeepSpec
 from pipeline.spec.layout import IN_PROGRESS, OutputLayout
 
 
 def rethreshold(
-    source: JobOutput, threshold: float | None, target: str | Path | Location, keep: KeepSpec | None = None
+    source: JobOutput,
+    threshold: float | None,
+    target: str | Path | Location,
+    keep: KeepSpec | None = None,
+    dedup: DedupSpec | None = None,
 ) -> dict[str, Any]:
-    """Write the output for `threshold` and the keep rule `keep` (None: the job's) into `target` (a
-    new directory or prefix, a local path or an fsspec URI) and return its manifest."""
-    if threshold is None and keep is None:
-        raise OutputError("name what changes: --threshold, or the keep rule (--keep, --k, --by)")
+    """Write the output for `threshold`, the keep rule `keep` and the dedup rule `dedup` (None: the
+    job's) into `target` (a new directory or prefix, a local path or an fsspec URI) and return its
+    manifest."""
+    if threshold is None and keep is None and dedup is None:
+        raise OutputError(
+            "name what changes: --threshold, the keep rule (--keep, --k, --by) or --near-threshold"
+        )
+    near = dedup.near_threshold if dedup is not None else None
+    if near is not None and not 0 < near <= 1:
+        raise OutputError(f"--near-threshold: {near} is not a cosine in (0, 1]")
+    if near is not None and not source.spec.output.image_embeddings:
+        raise OutputError(
+            f"--near-threshold: {source.layout.root}: its job did not store image embeddings "
+            "(output.image_embeddings: false), which near dedup compares"
+        )
     if keep is not None and keep.k < 1:
         raise OutputError(f"--k: {keep.k}: keep at least 1 caption per image")
     if keep is not None and keep.by == "itc" and not source.has_itc_scores():
@@ -66,7 +85,9 @@ def rethreshold(
     spec = source.spec
     spec = dataclasses.replace(
         spec,
-        filter=dataclasses.replace(spec.filter, threshold=threshold, keep=keep or spec.filter.keep),
+        filter=dataclasses.replace(
+            spec.filter, threshold=threshold, keep=keep or spec.filter.keep, dedup=dedup or spec.filter.dedup
+        ),
         output=dataclasses.replace(spec.output, path=target.uri),
     )
     # Locally: built aside and renamed at the end. On an object store: in place, manifest last.
@@ -82,8 +103,13 @@ def rethreshold(
                 path.link_to(into / path.name)
 
         writer = ShardWriter.of(spec, work, source.embedding_size())
-        # Writing a shard is Python-bound (a record per row), so shards go to worker processes.
-        jobs = [(writer, source.layout, name) for name in names]
+        # Dedup decides again, in input order, over what the new rule keeps; then writing a shard is
+        # Python-bound (a record per row), so shards go to worker processes.
+        index = DuplicateIndex(spec.filter.dedup, source.embedding_size())
+        jobs = []
+        for name in names:
+            kept = writer.kept_images(_stored_scores(source.layout, name))
+            jobs.append((writer, source.layout, name, index.decide(kept)))
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, len(names))), mp_context=spawn) as pool:
             reports = dict(zip(names, pool.map(_rewrite, jobs), strict=True))
@@ -93,6 +119,7 @@ def rethreshold(
             "path": source.layout.root.resolve().uri,
             "threshold": source.threshold,
             "keep": dataclasses.asdict(source.spec.filter.keep),
+            "dedup": dataclasses.asdict(source.spec.filter.dedup),
         }
         check_accounting(manifest)
         write_manifest(work, manifest)
@@ -115,6 +142,10 @@ def _interrupted_here(target: Location) -> bool:
     )
 
 
-def _rewrite(job: tuple[ShardWriter, OutputLayout, str]) -> dict[str, Any]:
-    writer, source, name = job
-    return writer.write(name, scores_from_records(read_parquet(source.shard_parquet(name)).to_pylist()))
+def _rewrite(job: tuple[ShardWriter, OutputLayout, str, dict[str, str]]) -> dict[str, Any]:
+    writer, source, name, duplicates = job
+    return writer.write(name, _stored_scores(source, name), duplicates)
+
+
+def _stored_scores(source: OutputLayout, name: str) -> dict[str, Scores]:
+    return scores_from_records(read_parquet(source.shard_parquet(name)).to_pylist())

@@ -9,6 +9,9 @@ patched in two steps:
    their original keys, as if they had downloaded the first time (idempotent);
 2. its output shard is written again by the job's `ShardWriter`, from the scores it already stores
    plus the retried rows' scores. No image that was already scored goes through the models again.
+   Its stored dedup decisions stand; a retried row that the keep rule keeps is decided against every
+   image the job kept, in every shard (it is decided after them), and against the retried rows
+   before it.
 
 The writer takes the shard's done marker away before it rewrites, so a retry interrupted in step 2
 leaves that shard unfinished, never "done" with stale counts: `capfilt run` then redoes it from its
@@ -35,11 +38,12 @@ import pyarrow.parquet as pq
 
 from pipeline.core.storage import Location, read_parquet
 from pipeline.core.tars import read_jpegs
+from pipeline.curate.dedup import DuplicateIndex
 from pipeline.job.output_guard import lock_output
 from pipeline.job.runner import JobResult, run_job
 from pipeline.output.job_output import JobOutput, OutputError
 from pipeline.output.manifest import build_manifest, check_accounting, write_manifest
-from pipeline.output.shard_writer import Scores, ShardWriter, scores_from_records
+from pipeline.output.shard_writer import Scores, ShardWriter, scores_from_records, stored_kept_images
 from pipeline.spec.config import InputSpec, JobSpec, OutputSpec
 from pipeline.spec.fates import Fate, add_counts, count_fates
 from pipeline.spec.layout import RETRY_DIR, OutputLayout
@@ -88,14 +92,17 @@ def retry_failed(output: JobOutput, address: str | None = None, log: Log = print
             log(f"capfilt: retrying {retried} rows whose download failed")
             results = _RetryJob(_run_retry_job(output, spec, work, address, log), spec.output.shard_size)
             writer = ShardWriter.of(spec, output.layout, output.embedding_size())
+            index = _kept_so_far(output, shards)
             start = 0
             for shard, n in plan:
                 failed = _failed_rows(output, shard)
                 rows = {r["key"]: results.row(start + i, r["key"], r["url"]) for i, r in enumerate(failed)}
                 start += n
                 _patch_raw_shard(output.layout, shard, rows)
-                stored = scores_from_records(output.read_shard(shard).to_pylist())
-                writer.write(shard, stored | {key: r.scores for key, r in rows.items() if r.scores})
+                records = output.read_shard(shard).to_pylist()
+                retried = {key: r.scores for key, r in rows.items() if r.scores}
+                duplicates = index.decide(writer.kept_images(retried)) | _duplicates_in(records)
+                writer.write(shard, scores_from_records(records) | retried, duplicates)
                 now = output.read_shard(shard).select(["key", "status"]).to_pylist()
                 fates = add_counts(fates, count_fates(r["status"] for r in now if r["key"] in rows))
         work.rmtree()
@@ -104,6 +111,21 @@ def retry_failed(output: JobOutput, address: str | None = None, log: Log = print
         write_manifest(output.layout, manifest)
         check_accounting(manifest)
         return RetryResult(manifest, retried, fates)
+
+
+def _kept_so_far(output: JobOutput, shards: list[str]) -> DuplicateIndex:
+    """Dedup's index of every image the job kept: retried rows are decided against all of them, the
+    shards after theirs included, as a row decided after those shards."""
+    index = DuplicateIndex(output.spec.filter.dedup, output.embedding_size())
+    if index.active:
+        for shard in shards:
+            index.add_originals(stored_kept_images(output.layout.shard_parquet(shard)))
+    return index
+
+
+def _duplicates_in(records: list[dict[str, Any]]) -> dict[str, str]:
+    """The dedup decisions a shard stores: they stand when its other rows are retried."""
+    return {r["key"]: r["duplicate_of"] for r in records if r["status"] == Fate.DUPLICATE_IMAGE}
 
 
 def _failed_rows(output: JobOutput, shard: str) -> list[dict[str, Any]]:

@@ -4,13 +4,16 @@
     wait for the input shard's prepared rows -> download it (img2dataset's per-shard downloader,
     a Ray task with a deadline) -> read its chunks -> preprocess (CPU tasks)
     -> CapFilt actors (one per GPU) -> results back to the driver, grouped by shard
-    -> a Ray task writes (commits) each shard as soon as its last chunk arrives.
+    -> dedup, decided on the driver in input order (`dedup.InInputOrder`)
+    -> a Ray task writes (commits) each shard as soon as it is decided.
 
 Shard N+1 downloads while shard N is scored and shard N-1 is written. At most
 `resources.shards_in_flight` shards are between "download started" and "committed" at any moment
 (`_Slots`): a slow model holds the downloads back, so neither the disk nor the object store grows
-with the list. A download attempt that fails or outlives its deadline is killed and tried again, up
-to `resources.download_attempts` times; then its shard is reported failed and the rest go on.
+with the list. Slots are taken in input order: a shard waiting for the shards before it to be decided
+holds one, and every shard before it then holds one too or is done, so the wait always ends. A
+download attempt that fails or outlives its deadline is killed and tried again, up to
+`resources.download_attempts` times; then its shard is reported failed and the rest go on.
 
 Results carry captions and scores only; the writer takes the image bytes from the raw shard, so
 images never pass through the driver. Shards already written by the same spec are skipped and raw
@@ -35,6 +38,7 @@ from pipeline.core.timings import RunTimings, stopwatch
 from pipeline.curate.capfilt_stage import CapFiltStage
 from pipeline.curate.chunk_retry import score_with_retry
 from pipeline.curate.chunks import PASSED_ON, Chunk, ChunkReader
+from pipeline.curate.dedup import DuplicateIndex, InInputOrder
 from pipeline.curate.model_check import check_itm_tokenizer, check_models, embedding_size
 from pipeline.curate.preprocess import PreprocessStage
 from pipeline.ingest.download import ShardDownload
@@ -43,7 +47,7 @@ from pipeline.ingest.url_list import ListPreparation, check_columns
 from pipeline.ingest.urlpolicy import NetworkPolicy
 from pipeline.job.output_guard import claim_output
 from pipeline.output.manifest import build_manifest, check_accounting, write_manifest
-from pipeline.output.shard_writer import ShardWriter, scores_by_key
+from pipeline.output.shard_writer import ShardWriter, scores_by_key, stored_kept_images
 from pipeline.spec.config import JobSpec
 from pipeline.spec.layout import OutputLayout, shard_name
 
@@ -114,7 +118,7 @@ def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, log: 
         outcome = _Outcome()
         with _preparing(preparation, outcome) as prepare_failed:
             if pending:
-                _stream(spec, layout, pending, fingerprint, log, stage_type, preprocess, outcome)
+                _stream(spec, layout, pending, sorted(reports), log, stage_type, preprocess, outcome)
                 reports.update(outcome.reports)
         log(outcome.timings.summary())
     actors = list(outcome.actors.values())
@@ -189,14 +193,14 @@ def _stream(
     spec: JobSpec,
     layout: OutputLayout,
     shards: list[str],
-    fingerprint: str,
+    done: list[str],
     log: Log,
     stage_type: type[CapFiltStage],
     preprocess: PreprocessStage,
     outcome: _Outcome,
 ) -> None:
     """Download, caption/filter and write `shards` as one stream (see the module's docstring), into
-    `outcome`."""
+    `outcome`. The kept images of the shards `done` before are the originals dedup starts from."""
     import ray
 
     # One clock for the whole phase: the moments in it come from other processes (`time.time()` of
@@ -208,10 +212,16 @@ def _stream(
     plan = _StreamPlan.of(spec, actors, stage.resources)
     each = f"{stage.resources.gpus} GPU and {stage.resources.cpus} CPU each"
     log(f"capfilt: {actors} CapFilt actor(s), {each}; {plan.describe()}")
-    slots = _Slots.on_this_node(plan.in_flight)
+    slots = _Slots.on_this_node(plan.in_flight, shards)
     writer = ShardWriter.of(spec, layout, embedding_size(spec))
     write = ray.remote(num_cpus=writer.resources.cpus)(_write_shard)
     writes: dict[str, Any] = {}
+    index = DuplicateIndex(spec.filter.dedup, writer.embedding_size)
+    if index.active:
+        for name in done:
+            index.add_originals(stored_kept_images(layout.shard_parquet(name)))
+    in_order = InInputOrder(shards, index)
+    complete: set[str] = set()  # every chunk arrived; written once decided
     keep = spec.output.keep_downloads
     download = _DownloadWithDeadline(ShardDownload(spec, layout), slots, plan)
     ds = (
@@ -233,23 +243,33 @@ def _stream(
     # By chunk number: should Ray ever deliver a retried chunk twice, it counts once.
     arrived: dict[str, dict[int, Chunk]] = defaultdict(dict)
 
+    def commit(decided: list[tuple[str, list[Chunk], dict[str, str]]]) -> None:
+        for name, chunks, duplicates in decided:
+            writes[name] = write.remote(writer, name, chunks, duplicates, slots, keep)
+
     def fail(name: str, reason: str) -> None:
         outcome.errors[name] = reason
         log(f"capfilt: shard {name} failed: {reason}")
         arrived.pop(name, None)
         slots.release.remote(name)
+        commit(in_order.failed(name))
 
+    def finish(name: str, chunks: list[Chunk]) -> None:
+        complete.add(name)
+        commit(in_order.arrived(name, writer.kept_images(scores_by_key(chunks)), chunks))
+
+    stream_error = ""
     try:
         for row in ds.iter_rows():
             chunk, name = dict(row), row["shard"]
-            if name in outcome.errors or name in writes or chunk["chunk"] in arrived[name]:
+            if name in outcome.errors or name in complete or chunk["chunk"] in arrived[name]:
                 continue
             outcome.timings.add_download(chunk, chunk["downloaded_at"] - started_at)
             if chunk["download_error"]:
                 fail(name, chunk["download_error"])
                 continue
             if chunk["chunks"] == 0:  # nothing downloaded to score: the shard is all other fates
-                writes[name] = write.remote(writer, name, [], slots, keep)
+                finish(name, [])
                 continue
             outcome.count(chunk)
             if chunk["error"]:
@@ -258,12 +278,17 @@ def _stream(
             outcome.timings.add_chunk(chunk, chunk["ready_at"] - started_at)
             arrived[name][chunk["chunk"]] = chunk
             if len(arrived[name]) == chunk["chunks"]:
-                writes[name] = write.remote(writer, name, list(arrived.pop(name).values()), slots, keep)
+                finish(name, list(arrived.pop(name).values()))
     except Exception as err:  # the stream failed: committed shards stay, the rest are reported
-        reason = f"caption/filter stage failed: {one_line(err)}"
-        log(f"capfilt: {reason}")
-        unfinished = [name for name in shards if name not in writes and name not in outcome.errors]
-        outcome.errors.update(dict.fromkeys(unfinished, reason))
+        stream_error = f"caption/filter stage failed: {one_line(err)}"
+        log(f"capfilt: {stream_error}")
+    unfinished = [name for name in shards if name not in complete and name not in outcome.errors]
+    reason = stream_error or "the stream ended before all of the shard's chunks arrived"
+    if unfinished and not stream_error:
+        log(f"capfilt: {len(unfinished)} shard(s) failed: {reason}")
+    for name in unfinished:  # in input order: a complete shard waiting for one of them is then written
+        outcome.errors[name] = reason
+        commit(in_order.failed(name))
     for name, ref in writes.items():
         try:
             outcome.reports[name], seconds, committed_at = ray.get(ref)
@@ -333,6 +358,7 @@ class _DownloadWithDeadline:
             try:  # before taking a slot: a shard not yet prepared holds no place in flight
                 self.download.wait_for_input(shard)
             except PrepareFailed as err:
+                ray.get(self.slots.pass_turn.remote(shard))  # it never takes one: the next may
                 return {**result, "download_error": str(err), "downloaded_at": time.time()}
         ray.get(self.slots.acquire.remote(shard))
         begun = time.perf_counter()
@@ -376,10 +402,14 @@ def _download_attempt(download: ShardDownload, shard: str) -> None:
 class _Slots:
     """The bound on shards in flight: a shard takes a slot before its download starts and gives it
     back once it is committed or failed. Taking and giving back are idempotent per shard, so a
-    download task that Ray runs again, or a failure reported twice, counts once."""
+    download task that Ray runs again, or a failure reported twice, counts once.
+
+    Shards take their first slot in input order (`order`), so the shards holding slots are always
+    the earliest ones not yet committed: a shard that waits for those before it to be decided
+    (dedup) never waits for one that cannot get a slot."""
 
     @classmethod
-    def on_this_node(cls, limit: int) -> Any:
+    def on_this_node(cls, limit: int, order: list[str]) -> Any:
         """The actor, pinned to the driver's node: placed anywhere, it may land on a worker node,
         and a lost worker node would then take the whole job with it (it did, in the node-loss
         test), where losing the driver's node ends the job anyway."""
@@ -387,42 +417,72 @@ class _Slots:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        return ray.remote(num_cpus=0, scheduling_strategy=here)(cls).remote(limit)
+        return ray.remote(num_cpus=0, scheduling_strategy=here)(cls).remote(limit, order)
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, order: list[str]) -> None:
         import asyncio
 
-        self._free = asyncio.Semaphore(limit)
+        self._limit = limit
+        self._order = order
+        self._next = 0  # the first shard in `order` that has not had its turn
+        self._turned: set[str] = set()
         self._held: set[str] = set()
         self._peak = 0
+        self._changed = asyncio.Condition()
 
     async def acquire(self, shard: str) -> None:
-        if shard in self._held:
-            return
-        await self._free.acquire()
-        self._held.add(shard)
-        self._peak = max(self._peak, len(self._held))
+        async with self._changed:
+            if shard in self._held:
+                return
+            again = shard in self._turned  # a task Ray ran again: its turn has passed, no wait for it
+            await self._changed.wait_for(lambda: self._room() and (again or self._turn(shard)))
+            self._held.add(shard)
+            self._peak = max(self._peak, len(self._held))
+            self._turn_taken(shard)
+
+    async def pass_turn(self, shard: str) -> None:
+        """A shard that will not take a slot (its input failed) lets the next take theirs."""
+        async with self._changed:
+            self._turn_taken(shard)
 
     async def release(self, shard: str) -> None:
-        if shard in self._held:
-            self._held.remove(shard)
-            self._free.release()
+        async with self._changed:
+            if shard in self._held:
+                self._held.remove(shard)
+                self._changed.notify_all()
+
+    def _room(self) -> bool:
+        return len(self._held) < self._limit
+
+    def _turn(self, shard: str) -> bool:
+        return self._next < len(self._order) and self._order[self._next] == shard
+
+    def _turn_taken(self, shard: str) -> None:
+        self._turned.add(shard)
+        while self._next < len(self._order) and self._order[self._next] in self._turned:
+            self._next += 1
+        self._changed.notify_all()
 
     async def peak(self) -> int:
         return self._peak
 
 
 def _write_shard(
-    writer: ShardWriter, shard: str, chunks: list[Chunk], slots: Any, keep_downloads: bool
+    writer: ShardWriter,
+    shard: str,
+    chunks: list[Chunk],
+    duplicates: dict[str, str],
+    slots: Any,
+    keep_downloads: bool,
 ) -> tuple[dict[str, Any], float, float]:
-    """Commit the shard (deleting its raw download after, unless kept) and give its slot back: its
-    report, the seconds writing took, and when it was committed."""
+    """Commit the shard with dedup's decision (deleting its raw download after, unless kept) and give
+    its slot back: its report, the seconds writing took, and when it was committed."""
     import ray
 
     seconds: dict[str, float] = {}
     try:
         with stopwatch(seconds, "write"):
-            report = writer.write(shard, scores_by_key(chunks))
+            report = writer.write(shard, scores_by_key(chunks), duplicates)
             if not keep_downloads:
                 for raw in writer.layout.raw_images_and_rows(shard):
                     raw.unlink(missing_ok=True)

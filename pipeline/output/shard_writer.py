@@ -1,7 +1,8 @@
 """Stage 3: write output shard i from raw shard i and its scores.
 
 Here every input row gets its one fate (from the policy verdict, img2dataset's status, the decode
-result, or the keep rule), so this is the one place rows can be lost, and it refuses to be:
+result, the keep rule, or the dedup decision it is given), so this is the one place rows can be lost,
+and it refuses to be:
 a downloaded row without scores is an error, not a silent drop. The tar (kept samples only) and
 the Parquet (every row) are written whole (`Location.writing`: renamed into place on POSIX, one
 object on an object store); the report, the completion marker, goes last.
@@ -25,7 +26,8 @@ from pipeline.core.resources import Resources
 from pipeline.core.storage import read_parquet
 from pipeline.core.tars import read_jpegs
 from pipeline.curate.chunks import Chunk
-from pipeline.curate.decide import candidates, decide
+from pipeline.curate.decide import Candidate, candidates, decide
+from pipeline.curate.dedup import KeptImage
 from pipeline.ingest.download import DOWNLOADED, OPT_OUT_ERROR, UNDECODABLE
 from pipeline.ingest.fetch_guard import BLOCKED
 from pipeline.ingest.url_list import CAPTION, ERROR, FATE, URL, extra_column, extra_names
@@ -51,6 +53,8 @@ class Scores:
     web_itc: float | None = None
     synthetic_itc: list[float] | None = None  # None: not scored (a shard written before ITC)
     image_embedding: np.ndarray | None = None  # float16
+    pixel_hash: str | None = None  # `dedup.pixel_hash` of the decoded image
+    web_caption: str | None = None  # the web caption that was scored, for deciding before writing
 
 
 def scores_by_key(chunks: Iterable[Chunk]) -> dict[str, Scores]:
@@ -67,6 +71,8 @@ def scores_by_key(chunks: Iterable[Chunk]) -> dict[str, Scores]:
                 web_itc=_scored(c["web_itc"][i]),
                 synthetic_itc=[_as_stored(s) for s in c["synthetic_itc"][i]],
                 image_embedding=np.frombuffer(embedding, EMBEDDING_DTYPE) if embedding else None,
+                pixel_hash=c["pixel_hashes"][i] or None,
+                web_caption=c["captions"][i],
             )
     return found
 
@@ -76,20 +82,40 @@ def scores_from_records(records: Iterable[Record]) -> dict[str, Scores]:
     again, through the same `ShardWriter` as the job, instead of running the models again."""
     found = {}
     for r in map(current_record, records):  # a shard of schema 1 too
-        if r["status"] in (Fate.KEPT, Fate.FILTERED):
-            embedding = r.get("image_embedding")
+        if r["status"] in (Fate.KEPT, Fate.FILTERED, Fate.DUPLICATE_IMAGE):
             found[r["key"]] = Scores(
-                "",
-                r["synthetic_captions"],
-                r["web_caption_itm"],
-                r["synthetic_itm"],
-                r.get("web_caption_itc"),
-                r.get("synthetic_itc"),
-                None if embedding is None else np.asarray(embedding, EMBEDDING_DTYPE),
+                decode_error="",
+                synthetic_captions=r["synthetic_captions"],
+                web_itm=r["web_caption_itm"],
+                synthetic_itm=r["synthetic_itm"],
+                web_itc=r.get("web_caption_itc"),
+                synthetic_itc=r.get("synthetic_itc"),
+                image_embedding=_embedding(r.get("image_embedding")),
+                pixel_hash=r.get("pixel_hash"),
+                web_caption=r["web_caption"],
             )
         elif r["status"] == Fate.DECODE_FAILED:  # the writer asks only for rows img2dataset downloaded
             found[r["key"]] = Scores(r["error"], [], None, [])
     return found
+
+
+def stored_kept_images(parquet: Any) -> list[KeptImage]:
+    """The kept rows of a written shard (its Parquet, a `Location`), as dedup's originals."""
+    table = read_parquet(parquet, columns=["key", "status", "pixel_hash", "image_embedding"])
+    return kept_images_of(table.to_pylist())
+
+
+def kept_images_of(records: Iterable[Record]) -> list[KeptImage]:
+    """The kept rows among a shard's records, as dedup's originals."""
+    return [
+        KeptImage(r["key"], r["pixel_hash"], _embedding(r["image_embedding"]))
+        for r in records
+        if r["status"] == Fate.KEPT
+    ]
+
+
+def _embedding(stored: list[float] | None) -> np.ndarray | None:
+    return None if stored is None else np.asarray(stored, EMBEDDING_DTYPE)
 
 
 def _scored(score: float | None) -> float | None:
@@ -120,14 +146,29 @@ class ShardWriter:
             layout, f.threshold, spec.fingerprint(), f.keep, embedding_size, spec.output.image_embeddings
         )
 
-    def write(self, shard: str, scores: Mapping[str, Scores]) -> dict[str, Any]:
-        """Write the shard and return its report (also written as the completion marker)."""
+    def kept_images(self, scores: Mapping[str, Scores]) -> list[KeptImage]:
+        """The scored rows the keep rule keeps, in input (key) order: what dedup decides over."""
+        return [
+            KeptImage(key, s.pixel_hash, s.image_embedding)
+            for key, s in sorted(scores.items())
+            if not s.decode_error and self._decide(s.web_caption, s)[0]
+        ]
+
+    def write(
+        self, shard: str, scores: Mapping[str, Scores], duplicates: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Write the shard and return its report (also written as the completion marker).
+        `duplicates` is dedup's decision: {key: the key whose image it repeats}."""
+        duplicates = duplicates or {}
         # A rewrite in place (retry-failed) first takes the old marker away: interrupted, the shard
         # is unfinished, not "done" with the old counts over new files.
         self.layout.shard_report(shard).unlink(missing_ok=True)
         table = read_parquet(self.layout.raw_parquet(shard))
         raw = table.to_pylist()
-        records = sorted((self.record(row, scores.get(row["key"])) for row in raw), key=lambda r: r["key"])
+        records = sorted(
+            (self.record(row, scores.get(row["key"]), duplicates.get(row["key"])) for row in raw),
+            key=lambda r: r["key"],
+        )
         kept = {r["key"]: r for r in records if r["status"] == Fate.KEPT}
         self.layout.shards.mkdir()
         if kept:
@@ -148,7 +189,7 @@ class ShardWriter:
         write_json_atomically(self.layout.shard_report(shard), report)
         return report
 
-    def record(self, row: dict[str, Any], scores: Scores | None) -> Record:
+    def record(self, row: dict[str, Any], scores: Scores | None, duplicate_of: str | None = None) -> Record:
         """The output row of one input row: its fate, error and, when downloaded, its scores."""
         record: Record = {
             "key": row["key"],
@@ -157,9 +198,11 @@ class ShardWriter:
             "web_caption": row[CAPTION],
             "status": None,
             "error": None,
+            "duplicate_of": None,
             "width": None,
             "height": None,
             "sha256": None,
+            "pixel_hash": None,
             "synthetic_captions": None,
             "web_caption_itm": None,
             "synthetic_itm": None,
@@ -186,20 +229,17 @@ class ShardWriter:
         record.update(width=row["width"], height=row["height"], sha256=row["sha256"])
         if scores.decode_error:
             return {**record, "status": Fate.DECODE_FAILED.value, "error": scores.decode_error}
-        found = candidates(
-            row[CAPTION],
-            scores.web_itm,
-            scores.synthetic_captions,
-            scores.synthetic_itm,
-            scores.web_itc,
-            scores.synthetic_itc,
-        )
-        kept, selected = decide(found, self.threshold, self.keep)
+        kept, selected = self._decide(row[CAPTION], scores)
+        fate = Fate.KEPT if kept else Fate.FILTERED
+        if kept and duplicate_of:
+            fate, selected = Fate.DUPLICATE_IMAGE, None  # scored and kept, then a copy: not trained on
         embedding = scores.image_embedding if self.keep_embeddings else None
         return {
             **record,
             "caption": selected,
-            "status": (Fate.KEPT if kept else Fate.FILTERED).value,
+            "status": fate.value,
+            "duplicate_of": duplicate_of if fate == Fate.DUPLICATE_IMAGE else None,
+            "pixel_hash": scores.pixel_hash,
             "synthetic_captions": scores.synthetic_captions,
             "web_caption_itm": scores.web_itm,
             "synthetic_itm": scores.synthetic_itm,
@@ -208,6 +248,18 @@ class ShardWriter:
             "kept_captions": [{"text": c.text, "source": c.source, "itm": c.itm, "itc": c.itc} for c in kept],
             "image_embedding": embedding,
         }
+
+    def _decide(self, web_caption: str | None, scores: Scores) -> tuple[list[Candidate], str | None]:
+        """The keep rule on one scored row: its kept captions and the selected one."""
+        found = candidates(
+            web_caption,
+            scores.web_itm,
+            scores.synthetic_captions,
+            scores.synthetic_itm,
+            scores.web_itc,
+            scores.synthetic_itc,
+        )
+        return decide(found, self.threshold, self.keep)
 
     def _write_tar(self, shard: str, kept: Mapping[str, Record]) -> None:
         """KEY.jpg (the downloaded bytes, untouched), KEY.json (`sample_record`), KEY.txt (the caption)."""
@@ -223,15 +275,15 @@ class ShardWriter:
 
 # Null in some kept rows and not in others: a reader that types the JSON from its first samples
 # (`datasets`' webdataset builder reads 5) would type them null and fail on the first value.
-_ONLY_IN_PARQUET = ("error", "web_caption_itm", "web_caption_itc", "image_embedding")
+_ONLY_IN_PARQUET = ("error", "duplicate_of", "web_caption_itm", "web_caption_itc", "image_embedding")
 
 
 def sample_record(record: Record) -> Record:
     """What a kept row's KEY.json holds: its record with every field typed the same in every sample.
-    Left out, as the Parquet holds them: `error` (null for a kept row), the web caption's scores (null
-    when it is blank; a kept web caption's are in `kept_captions`) and the embedding (its 512 bytes
-    of float16 are about 4.8 KB as JSON numbers). A string the input did not have is "" (`web_caption`, extra
-    columns)."""
+    Left out, as the Parquet holds them: `error` and `duplicate_of` (null for a kept row), the web
+    caption's scores (null when it is blank; a kept web caption's are in `kept_captions`) and the
+    embedding (its 512 bytes of float16 are about 4.8 KB as JSON numbers). A string the input did not
+    have is "" (`web_caption`, extra columns)."""
     return {k: "" if v is None else v for k, v in record.items() if k not in _ONLY_IN_PARQUET}
 
 
@@ -249,5 +301,6 @@ def img2dataset_stats(report: dict[str, Any]) -> dict[str, Any]:
         + counts[Fate.INVALID_INPUT],
         "failed_to_resize": counts[Fate.DECODE_FAILED],
         "filtered": counts[Fate.FILTERED],
+        "duplicates": counts[Fate.DUPLICATE_IMAGE],
         "status_dict": counts,
     }

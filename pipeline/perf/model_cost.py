@@ -36,6 +36,7 @@ from transformers import (
 from pipeline.core.resources import Resources
 from pipeline.curate.capfilt_stage import CapFiltStage, actor_dtype
 from pipeline.curate.chunks import Chunk
+from pipeline.curate.dedup import pixel_hash
 from pipeline.curate.tiny_models import (
     CAPTIONER_DIR,
     IMAGE_SIZE,
@@ -241,8 +242,15 @@ def web_captions(n: int) -> list[str]:
 def chunk(pixels: np.ndarray) -> Chunk:
     """A decoded chunk, as the actor receives it from the preprocessing stage."""
     n = len(pixels)
-    return {"shard": "00000", "chunk": 0, "keys": [f"{i:05d}" for i in range(n)],
-            "pixels": pixels, "captions": web_captions(n), "decode_errors": [""] * n}  # fmt: skip
+    return {
+        "shard": "00000",
+        "chunk": 0,
+        "keys": [f"{i:05d}" for i in range(n)],
+        "pixels": pixels,
+        "captions": web_captions(n),
+        "decode_errors": [""] * n,
+        "pixel_hashes": [pixel_hash(p) for p in pixels],
+    }
 
 
 Step = Callable[[np.ndarray], object]  # one batch of uint8 NHWC images through a loop

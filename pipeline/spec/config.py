@@ -123,6 +123,15 @@ CAPFILT_KEEP = KeepSpec()  # every caption that passes, best ITM first
 
 
 @dataclass(frozen=True)
+class DedupSpec:
+    """Which kept images are copies of an earlier kept image (`curate.dedup`): equal decoded pixels
+    (`exact`), or an ITC embedding cosine of at least `near_threshold` (None: not by embedding)."""
+
+    exact: bool = True
+    near_threshold: float | None = None
+
+
+@dataclass(frozen=True)
 class FilterSpec:
     model: str = "Salesforce/blip-itm-large-coco"
     threshold: float = 0.5
@@ -131,6 +140,7 @@ class FilterSpec:
     text_normalise: str = "blip"  # BLIP's pre_caption before ITM; "none": the text as written
     max_words: int = 30
     keep: KeepSpec = CAPFILT_KEEP
+    dedup: DedupSpec = DedupSpec()
 
 
 @dataclass(frozen=True)
@@ -286,6 +296,7 @@ def typed_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec
     sections = {name: _section(cls, raw[name]) for name, cls in _SECTIONS.items() if name in raw}
     spec = JobSpec(**sections)
     _check_networks(spec.download)
+    _check_dedup(spec)
     return spec
 
 
@@ -407,6 +418,16 @@ def _check_networks(download: DownloadSpec) -> None:
                 raise SpecError(
                     f"download.{key}.{i}: {value!r} is not a network (CIDR, e.g. 10.0.0.0/8 or fd00::/8)"
                 ) from None
+
+
+def _check_dedup(spec: JobSpec) -> None:
+    """Near dedup decides from the stored embeddings when a shard is written again (retry-failed,
+    rethreshold), so it needs them stored."""
+    if spec.filter.dedup.near_threshold is not None and not spec.output.image_embeddings:
+        raise SpecError(
+            "filter.dedup.near_threshold needs output.image_embeddings: true (retry-failed and rethreshold "
+            "decide near duplicates from the stored embeddings); set one or the other"
+        )
 
 
 def _check_files(spec: JobSpec) -> JobSpec:

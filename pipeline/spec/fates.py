@@ -13,6 +13,7 @@ from enum import StrEnum
 class Fate(StrEnum):
     KEPT = "kept"  # at least one caption passed the ITM filter
     FILTERED = "filtered"  # the image is fine, no caption passed
+    DUPLICATE_IMAGE = "duplicate_image"  # kept, but an earlier kept row shows the same image (dedup)
     DOWNLOAD_FAILED = "download_failed"  # HTTP error, timeout, refused connection
     DECODE_FAILED = "decode_failed"  # the bytes are not a decodable image
     INVALID_INPUT = "invalid_input"  # the row itself is unusable (no URL, not a URL)

@@ -37,9 +37,11 @@ def _fields(embedding_size: int) -> list[pa.Field]:
         pa.field("web_caption", pa.string()),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
+        pa.field("duplicate_of", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("sha256", pa.string()),
+        pa.field("pixel_hash", pa.string()),
         pa.field("synthetic_captions", pa.list_(pa.string())),
         pa.field("web_caption_itm", pa.float32()),
         pa.field("synthetic_itm", pa.list_(pa.float32())),
@@ -65,11 +67,23 @@ COLUMN_DOCS = {
     "web_caption": (
         "The web caption (alt-text) as given, whole, never normalised; null when the input had none."
     ),
-    "status": "The row's fate: kept, filtered, download_failed, decode_failed, invalid_input, blocked.",
+    "status": (
+        "The row's fate: kept, filtered, duplicate_image, download_failed, decode_failed, invalid_input, "
+        "blocked."
+    ),
     "error": "Why the row was not kept for the failure fates; null otherwise.",
+    "duplicate_of": (
+        "For status duplicate_image: the key of the earlier kept row whose image this one repeats (equal "
+        "pixel_hash, or ITC embedding cosine >= filter.dedup.near_threshold); null otherwise."
+    ),
     "width": "Width in pixels of the image as stored in the tar (after download resizing).",
     "height": "Height in pixels of the image as stored in the tar (after download resizing).",
     "sha256": "SHA-256 of the image bytes as downloaded (before resizing), hex.",
+    "pixel_hash": (
+        "BLAKE2b-128 of the image's decoded RGB pixels as stored in the tar (its size and every value), "
+        "hex: equal for byte copies and for any lossless re-encoding of the same pixels; null unless "
+        "decoded."
+    ),
     "synthetic_captions": "Captions by the BLIP captioner (nucleus sampling), prompt cut off as a string.",
     "web_caption_itm": (
         "ITM match probability of the web caption, scored as filter.text_normalise and itm_first_token say "
