@@ -7,6 +7,7 @@ from pipeline.curate.decide import SYNTHETIC, WEB
 from pipeline.inspect.inspection import Inspection, ScoreHistogram
 from pipeline.output.manifest import DONE, FAILED, PENDING
 from pipeline.output.summary import duplicates_line, fate_table, percent
+from pipeline.spec.fates import Fate
 
 ERRORS_LISTED = 10
 
@@ -78,16 +79,18 @@ def _shards(found: Inspection) -> str:
     lines = ["shards: " + ", ".join(f"{n} {s}" for s, n in by_status.items())]
     listed = found.listed_shards()
     if listed:
-        lines.append(f"  {'shard':<8}{'status':<9}{'rows':>7}{'kept':>7}{'filtered':>9}{'failed':>8}")
+        header = f"{'rows':>7}{'kept':>7}{'filtered':>9}{'copies':>7}{'failed':>8}"
+        lines.append(f"  {'shard':<8}{'status':<9}{header}")
     for shard in listed:
         if shard.report is None:
             lines.append(f"  {shard.name:<8}{shard.status:<9}  {shard.error or 'not written yet'}")
             continue
         counts = shard.report["counts"]
-        failed = shard.report["rows"] - counts["kept"] - counts["filtered"]
+        copies = counts.get(Fate.DUPLICATE_IMAGE, 0)  # a report written before dedup has none
+        failed = shard.report["rows"] - counts["kept"] - counts["filtered"] - copies
         lines.append(
             f"  {shard.name:<8}{shard.status:<9}{shard.report['rows']:>7}{counts['kept']:>7}"
-            f"{counts['filtered']:>9}{failed:>8}"
+            f"{counts['filtered']:>9}{copies:>7}{failed:>8}"
         )
     if len(listed) < len(found.shards):
         lines.append(f"  ({len(found.shards) - len(listed)} done shards not listed)")
