@@ -14,6 +14,7 @@ FATES = [
     "duplicate_image",
     "download_failed",
     "decode_failed",
+    "wrong_size",
     "invalid_input",
     "blocked",
 ]
@@ -178,6 +179,7 @@ def test_add_counts_adds_fate_by_fate():
         "duplicate_image": 0,
         "download_failed": 0,
         "decode_failed": 0,
+        "wrong_size": 0,
         "invalid_input": 0,
         "blocked": 1,
     }

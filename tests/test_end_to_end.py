@@ -225,5 +225,13 @@ def test_new_download_settings_into_old_downloads_are_refused(tmp_path, web, tin
     site, pairs = web
     rows = [(site.url(p.path), p.caption) for p in pairs if p.expected == "ok"][:4]
     run_job(make_spec(tmp_path, rows, tiny_models), log=lambda _: None)
-    with pytest.raises(SpecError, match=r"output\.path: .* holds downloads made from another URL list"):
-        run_job(make_spec(tmp_path, rows, tiny_models, download={"image_size": 32}), log=lambda _: None)
+    # Each refusal names the setting that changed, with both values.
+    changed = [
+        ({"download": {"image_size": 32}}, "download.image_size was 64, is 32 now"),
+        ({"output": {"shard_size": 8}}, "output.shard_size was 16, is 8 now"),
+    ]
+    for sections, named in changed:
+        with pytest.raises(
+            SpecError, match=rf"output\.path: .* holds downloads made with other settings: {named};"
+        ):
+            run_job(make_spec(tmp_path, rows, tiny_models, **sections), log=lambda _: None)

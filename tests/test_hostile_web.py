@@ -488,3 +488,40 @@ def test_what_needs_no_fixing_reaches_the_decoder_as_it_came_and_undecoded(body,
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or None)
     assert ImageGuard(MAX_IMAGE_PIXELS).prepare(body) is body
     assert decoded == []
+
+
+def test_size_rules_give_their_own_fate_and_every_image_its_original_size(tmp_path, web, tiny_models):
+    """`download.min_image_size` and `max_aspect_ratio` refuse from the header, with the size and the
+    setting in the row's error; a decoded image keeps its size before the resize; a filtered row says
+    how close its best caption came."""
+    site, _ = web
+    png = (("Content-Type", "image/png"),)
+    bodies = {
+        "/size/dot.png": png_bytes(Image.new("RGB", (1, 1), (9, 9, 9)), "RGB"),
+        "/size/strip.png": png_bytes(Image.new("RGB", (120, 20), (9, 90, 9)), "RGB"),
+        "/size/ok.png": png_bytes(render_scene(970, size=96)[0], "RGB"),
+    }
+    for path, body in bodies.items():
+        site.add(path, Route(200, body, png))
+    rows = [(site.url(path), "a picture") for path in bodies]
+    sections = {"download": {"min_image_size": 8, "max_aspect_ratio": 3}, "filter": {"threshold": 1.0}}
+    result = run_job(make_spec(tmp_path, rows, tiny_models, **sections), log=lambda _: None)
+    by_name = {r["url"].rsplit("/", 1)[1]: r for r in read_records(result.layout)}
+    assert (by_name["dot.png"]["status"], by_name["dot.png"]["error"]) == (
+        "wrong_size",
+        "size rules: 1x1: its shorter side is under download.min_image_size (8)",
+    )
+    assert (by_name["strip.png"]["status"], by_name["strip.png"]["error"]) == (
+        "wrong_size",
+        "size rules: 120x20: aspect ratio 6.00 over download.max_aspect_ratio (3)",
+    )
+    ok = by_name["ok.png"]
+    assert (ok["status"], ok["original_width"], ok["original_height"], ok["width"]) == (
+        "filtered",
+        96,
+        96,
+        64,
+    )
+    assert re.fullmatch(r"best caption ITM 0\.\d{3} < filter\.threshold 1 \((web|synthetic)\)", ok["error"])
+    assert result.manifest["counts"][Fate.WRONG_SIZE] == 2
+    assert (result.layout.shards / "00000_stats.json").read_json()["failed_to_resize"] == 2

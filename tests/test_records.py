@@ -14,7 +14,8 @@ from pipeline.spec.records import COLUMN_DOCS, SHARD_SCHEMA, describe_schema, em
 ROOT = Path(__file__).resolve().parent.parent
 SHARD_SCHEMA_FILE = ROOT / "schemas" / "shard.schema.json"
 COLUMNS = [
-    "key", "url", "caption", "web_caption", "status", "error", "duplicate_of", "width", "height", "sha256",
+    "key", "url", "caption", "web_caption", "status", "error", "duplicate_of", "width", "height", "original_width",
+    "original_height", "sha256",
     "pixel_hash", "synthetic_captions", "web_caption_itm", "synthetic_itm", "web_caption_itc", "synthetic_itc",
     "kept_captions", "image_embedding",
 ]  # fmt: skip

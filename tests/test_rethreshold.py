@@ -158,6 +158,14 @@ def test_refusals_name_what_is_wrong(curated_job, tmp_path, capsys):
     cases = [
         (["--threshold", "1.5", "--out", str(tmp_path / "a")], "--threshold: 1.5 is not an ITM probability"),
         (["--threshold", "0.6", "--out", source], "must be a new directory"),
+        (
+            ["--threshold", "0.7", "--out", f"{source}/t07"],
+            f"inside the job's output {source}; write it beside",
+        ),
+        (
+            ["--near-threshold", "0", "--out", str(tmp_path / "a")],
+            "--near-threshold: 0.0 is not a cosine in (0, 1]",
+        ),
         (["--threshold", "0.6", "--out", str(tmp_path / "full")], "not empty"),
         (["--out", str(tmp_path / "a")], "name what changes"),
         (["--keep", "top_k", "--k", "0", "--out", str(tmp_path / "a")], "--k: 0"),

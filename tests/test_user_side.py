@@ -644,6 +644,23 @@ def test_hub_names_are_left_to_from_pretrained_and_paths_must_exist(value, refus
     assert "\n" not in str(err.value)
 
 
+def test_a_typo_in_a_model_directory_is_caught_with_what_its_parent_holds(tmp_path, monkeypatch):
+    """`capfilt tiny-models models`, then `filter.model: models/itm2`: one slash, like a hub name, but
+    `models/` is a directory here, so it is a missing directory (no hub traffic, no retries in the
+    actors), and the error shows the closest name."""
+    for name in ("captioner", "itm"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError) as err:
+        check_model("filter.model", "models/itm2", "BlipForImageTextRetrieval")
+    assert str(err.value) == (
+        "filter.model: no such model directory: models/itm2 (did you mean models/itm? models/ holds: captioner, itm)"
+    )
+    with pytest.raises(SpecError, match=r"did you mean models/captioner\? "):
+        check_model("captioner.model", "models/captionr", "BlipForConditionalGeneration")
+    check_model("captioner.model", "Salesforce/blip-image-captioning-large", "BlipForConditionalGeneration")
+
+
 # --- fuzzing the spec loader ----------------------------------------------------------------------------------
 
 SCHEMA = job_schema()
@@ -816,7 +833,8 @@ def test_any_overrides_give_a_spec_or_one_line_error(fuzz_dir, overrides):
     try:
         spec = load_spec(path, overrides=items)
     except SpecError as err:
-        assert "\n" not in str(err) and str(err).startswith(f"{path}: "), str(err)
+        # An override's own problem names --set, the rest the file.
+        assert "\n" not in str(err) and str(err).startswith((f"{path}: ", "--set ")), str(err)
     else:
         assert isinstance(spec, JobSpec)
 
@@ -834,7 +852,7 @@ FOUND_BY_FUZZING = {
     "huge-integer": (f"output: {{path: out, shard_size: {'9' * 5000}}}\n", [], "cannot be read: ValueError: Exceeds the limit"),
     "long-integer": (f"output: {{path: out, shard_size: {10**30}}}\n", [], "output.shard_size: integer out of range"),
     "line-break-in-key": ('captioner: {"top\\np": 0.9}\n', [], "captioner.top\\np: unknown key"),
-    "alias-in-override": ("", ["captioner.num_captions=&a [*a]"], "captioner.num_captions: expected integer, got '&a [*a]'"),
+    "alias-in-override": ("", ["captioner.num_captions=&a [*a]"], "--set captioner.num_captions=&a [*a]: expected integer, got '&a [*a]'"),
     "bad-explicit-tag": ("filter: {threshold: !!float high}\n", [], "not valid YAML: tag:yaml.org,2002:float 'high' cannot be read: ValueError"),
     "nested-too-deeply": ("x: " + "[" * 5000 + "]" * 5000 + "\n", [], "not valid YAML: nested too deeply"),
     "empty-int-tag": ("filter: {batch_size: !!int }\n", [], "not valid YAML"),

@@ -3,7 +3,9 @@ fail in the first second, not in every CapFilt actor after the download.
 
 A value that is an existing directory is a local model (as `JobSpec.with_absolute_paths` and
 `from_pretrained` take it); a value that only looks like a path (absolute, `.`, `~`, a backslash,
-more than one `/`) is a missing directory, not a hub name; anything else is a hub name, left to
+more than one `/`, or `dir/name` where `dir` is a directory here: `models/itm2` after
+`capfilt tiny-models models`) is a missing directory, not a hub name, and the error names what its
+parent holds; anything else is a hub name, left to
 `from_pretrained` (this check never uses the network; `run_job` then loads the captioner's image
 processor before any work, so a hub name that does not resolve fails before the download too).
 
@@ -21,6 +23,7 @@ gone. One check, in the one function every job goes through.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -86,13 +89,32 @@ def check_model(key: str, value: str, architecture: str) -> None:
         home = printable(os.path.expanduser(value))
         raise SpecError(f"{key}: {shown}: '~' is not expanded in a job spec; write {home}")
     elif looks_like_a_path(value):
-        hint = f"a local directory, or a hub name such as {HUB_EXAMPLE[key]}"
+        hint = _near_directories(value) or f"a local directory, or a hub name such as {HUB_EXAMPLE[key]}"
         raise SpecError(f"{key}: no such model directory: {shown} ({hint})")
 
 
 def looks_like_a_path(value: str) -> bool:
-    """Not a hub name (`org/name` or `name`): what a user meant as a directory."""
-    return value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") > 1
+    """Not a hub name (`org/name` or `name`): what a user meant as a directory. `org/name` is a path
+    when `org` is a directory here, as a hub organisation's name seldom is."""
+    if value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") > 1:
+        return True
+    parent, slash, _ = value.partition("/")
+    return bool(slash) and os.path.isdir(parent)
+
+
+def _near_directories(value: str) -> str:
+    """What the missing directory's parent holds, the closest name first: the typo, shown."""
+    parent = os.path.dirname(value.rstrip("/")) or "."
+    try:
+        names = sorted(e.name for e in os.scandir(parent) if e.is_dir() and not e.name.startswith("."))
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    close = difflib.get_close_matches(os.path.basename(value.rstrip("/")), names, n=1)
+    hint = f"did you mean {printable(os.path.join(parent, close[0]))}? " if close else ""
+    listed = ", ".join(printable(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+    return f"{hint}{printable(parent)}/ holds: {listed}"
 
 
 def _check_directory(key: str, path: Path, architecture: str) -> None:

@@ -101,7 +101,7 @@ class ShardDownload:
         columns = _column_list(self.spec)
         with staged.writing() as stream, pa.ipc.new_file(stream, rows.select(columns).schema) as sink:
             sink.write_table(rows.select(columns))
-        guards = _Guards(FetchGuard.of(self.spec.download), ImageGuard(self.spec.download.max_image_pixels))
+        guards = _Guards(FetchGuard.of(self.spec.download), ImageGuard.of(self.spec.download))
         _GuardedDownloader(_downloader(self.spec, self.layout), guards)((int(shard), staged.uri))
 
 

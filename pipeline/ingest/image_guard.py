@@ -1,5 +1,5 @@
-"""What img2dataset's decoder is given: refused when its size is too big or unknown, normalised where
-OpenCV gets it wrong.
+"""What img2dataset's decoder is given: refused when its size is too big, unknown or outside the job's
+size rules, normalised where OpenCV gets it wrong.
 
 img2dataset decodes with `cv2.imdecode(..., IMREAD_UNCHANGED)`, which
 - decodes a decompression bomb (a few kB of PNG declaring 40,000 x 40,000 pixels) in full before its
@@ -30,6 +30,10 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}  # what a PNG holds at 8 bits or fewer
 
 
+# The start of the message of an image the size rules refuse: the writer gives such a row its own fate.
+SIZE_RULES = "size rules: "
+
+
 class ImageRefused(ValueError):
     """An image not decoded at all; its message is the row's `error`."""
 
@@ -37,6 +41,13 @@ class ImageRefused(ValueError):
 @dataclass(frozen=True)
 class ImageGuard:
     max_pixels: int
+    min_side: int = 0  # download.min_image_size: the shorter side, in pixels
+    max_aspect_ratio: float | None = None  # download.max_aspect_ratio: longer side over shorter
+
+    @classmethod
+    def of(cls, download: Any) -> ImageGuard:
+        """The guard of a job's `DownloadSpec`."""
+        return cls(download.max_image_pixels, download.min_image_size, download.max_aspect_ratio)
 
     def prepare(self, data: bytes) -> bytes:
         """The bytes to decode: `data` itself, or an upright 8-bit PNG of it. ImageRefused when the
@@ -55,6 +66,7 @@ class ImageGuard:
                 f"image over download.max_image_pixels ({self.max_pixels}), not decoded: "
                 f"it declares {width}x{height} = {width * height} pixels"
             )
+        self._check_size_rules(width, height)
         # `info["exif"]` is what the header held; `getexif()` alone would decode a PNG to look after it.
         turned = "exif" in image.info and image.getexif().get(_ORIENTATION, 1) not in (1, None)
         if not (turned or _is_16_bit_png(data)):
@@ -63,6 +75,22 @@ class ImageGuard:
             return _upright_8_bit_png(image, turned)
         except Exception:  # Pillow cannot decode it (truncated…): OpenCV decides, as for any image
             return data
+
+    def _check_size_rules(self, width: int, height: int) -> None:
+        """img2dataset's `min_image_size` and `max_aspect_ratio`, read from the header (before any
+        decoding) and worded with the image's size and the setting that refused it."""
+        short, long = min(width, height), max(width, height)
+        if short < self.min_side:
+            raise ImageRefused(
+                f"{SIZE_RULES}{width}x{height}: its shorter side is under download.min_image_size "
+                f"({self.min_side})"
+            )
+        if self.max_aspect_ratio is not None and long > self.max_aspect_ratio * short:
+            ratio = long / short if short else float("inf")
+            raise ImageRefused(
+                f"{SIZE_RULES}{width}x{height}: aspect ratio {ratio:.2f} over download.max_aspect_ratio "
+                f"({self.max_aspect_ratio:g})"
+            )
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:

@@ -55,8 +55,12 @@ class PreparedList:
         with self.shard(shard_name(index)).writing() as stream:
             pq.write_table(table, stream)
 
-    def write_record(self, identity: str, rows: int, duplicate_urls: int) -> None:
-        self.record.write_json({"identity": identity, "rows": rows, "duplicate_urls": duplicate_urls})
+    def write_record(
+        self, identity: str, rows: int, duplicate_urls: int, settings: dict[str, Any] | None = None
+    ) -> None:
+        """`settings`: what the identity's fingerprint hashes, for naming a setting that changed."""
+        record = {"identity": identity, "rows": rows, "duplicate_urls": duplicate_urls, "settings": settings}
+        self.record.write_json(record)
 
     def fail(self, err: BaseException) -> None:
         self.failed.write_json({"error": one_line(err)})
@@ -64,7 +68,8 @@ class PreparedList:
     # -- reading --------------------------------------------------------------------------------
 
     def read_record(self) -> dict[str, Any] | None:
-        """`identity`, `rows` and `duplicate_urls`; None before the list is wholly prepared."""
+        """`identity`, `rows`, `duplicate_urls` and `settings` (null in a record written before they
+        were); None before the list is wholly prepared."""
         return self.record.read_json() if self.record.exists() else None
 
     def shard_identity(self) -> str | None:

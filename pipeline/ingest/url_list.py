@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import pyarrow as pa
 
@@ -142,8 +143,12 @@ class ListPreparation:
         shard_size: int,
         fingerprint: str,
         downloaded: bool,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
+        """`settings` are what `fingerprint` hashes (`JobSpec.download_settings`), recorded beside it, so
+        that a refusal can name the setting that changed."""
         self.spec, self.policy, self.out, self.shard_size = spec, policy, out, shard_size
+        self.settings = dict(settings or {})
         self._parts, self._fmt = _list_files(spec)  # one listing for the identity and the reading
         self.identity = f"{fingerprint}:{_source_identity(self._parts)}"
         self._stop = threading.Event()
@@ -153,13 +158,31 @@ class ListPreparation:
             return
         found = record["identity"] if record is not None else out.shard_identity()
         if found not in (None, self.identity) and downloaded:
+            made = self._what_changed(record)
             raise SpecError(
-                f"output.path: {out.root.parent} holds downloads made from another URL list or other input "
-                "or download settings; use a new output.path (or delete its downloads/ and _input/)"
+                f"output.path: {out.root.parent} holds downloads made {made}; use a new output.path (or "
+                "delete its downloads/ and _input/), or set it back"
             )
         self.rows, self.done = self._count(), False
         # What an earlier run left (half a list, its failure) goes now, before any download looks.
         out.root.rmtree()
+
+    def _what_changed(self, record: dict[str, Any] | None) -> str:
+        """How the downloads' settings differ from this job's: each setting that changed with both
+        values, or the list's files; generic for a list recorded before settings were."""
+        before = (record or {}).get("settings")
+        if not before or not self.settings:
+            return "from another URL list or other input or download settings"
+        old, new = _flat(before), _flat(self.settings)
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        changed = [
+            f"{k} was {printable(repr(old.get(k)))}, is {printable(repr(new.get(k)))} now" for k in keys
+        ]
+        if changed:
+            return "with other settings: " + "; ".join(changed)
+        return (
+            f"from other files of input.url_list ({printable(self.spec.url_list)}: names, sizes or versions)"
+        )
 
     def _count(self) -> int:
         """The list's rows, every part's columns checked on the way."""
@@ -217,7 +240,7 @@ class ListPreparation:
                 raise SpecError(self._changed(str(rows)))
             if held:
                 self.out.write_shard(shard, pa.Table.from_batches(pending, schema))
-            self.out.write_record(self.identity, rows, repeats.count())
+            self.out.write_record(self.identity, rows, repeats.count(), self.settings)
         return True
 
     def _changed(self, read: str) -> str:
@@ -268,3 +291,19 @@ def _listed(names: list[str]) -> str:
 def _unreadable(part: Location, fmt: str, err: Exception) -> SpecError:
     reason = printable(one_line(err))
     return SpecError(f"input.url_list: cannot read {printable(part)} as {fmt}: {reason}")
+
+
+def _shown(value: Any) -> str:
+    return printable(repr(value))
+
+
+def _flat(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"input": {"url_col": "url"}, "shard_size": 16}` as `{"input.url_col": "url",
+    "output.shard_size": 16}`: each setting under the name a spec gives it."""
+    flat: dict[str, Any] = {}
+    for name, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{name}.{key}": item for key, item in value.items()})
+        else:
+            flat[f"output.{name}"] = value  # shard_size, the one setting outside input and download
+    return flat

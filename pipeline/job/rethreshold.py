@@ -75,8 +75,16 @@ def rethreshold(
         raise OutputError(f"--threshold: {threshold} is not an ITM probability between 0 and 1")
     names = source.require_complete("rethreshold it")
     target = Location.of(target).resolve()
-    if target == source.layout.root.resolve():
+    root = source.layout.root.resolve()
+    if target == root:
         raise OutputError(f"--out {target}: must be a new directory; the job's output stays as it is")
+    if target.uri.startswith(root.uri.rstrip("/") + "/"):
+        # Inside OUT it would be a stranger there: `capfilt run` on OUT then refuses it, and its
+        # --overwrite would delete the downloads too.
+        raise OutputError(
+            f"--out {target}: inside the job's output {root}; write it beside it, e.g. "
+            f"{root.parent / (root.name + '-' + target.name)}"
+        )
     if target.is_bucket:
         raise OutputError(f"--out {target}: name a prefix inside the bucket (e.g. {target.uri}/new)")
     if any(target.iterdir()) and not _interrupted_here(target):

@@ -100,9 +100,9 @@ def retry_failed(output: JobOutput, address: str | None = None, log: Log = print
                 start += n
                 _patch_raw_shard(output.layout, shard, rows)
                 records = output.read_shard(shard).to_pylist()
-                retried = {key: r.scores for key, r in rows.items() if r.scores}
-                duplicates = index.decide(writer.kept_images(retried)) | _duplicates_in(records)
-                writer.write(shard, scores_from_records(records) | retried, duplicates)
+                scored = {key: r.scores for key, r in rows.items() if r.scores}
+                duplicates = index.decide(writer.kept_images(scored)) | _duplicates_in(records)
+                writer.write(shard, scores_from_records(records) | scored, duplicates)
                 now = output.read_shard(shard).select(["key", "status"]).to_pylist()
                 fates = add_counts(fates, count_fates(r["status"] for r in now if r["key"] in rows))
         work.rmtree()

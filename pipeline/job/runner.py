@@ -103,6 +103,7 @@ def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, log: 
             spec.output.shard_size,
             spec.download_fingerprint(),
             downloaded=bool(downloaded),
+            settings=spec.download_settings(),
         )
         rows = preparation.rows
         names = [shard_name(i) for i in range(math.ceil(rows / spec.output.shard_size))]

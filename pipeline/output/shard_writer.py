@@ -30,6 +30,7 @@ from pipeline.curate.decide import Candidate, candidates, decide
 from pipeline.curate.dedup import KeptImage
 from pipeline.ingest.download import DOWNLOADED, OPT_OUT_ERROR, UNDECODABLE
 from pipeline.ingest.fetch_guard import BLOCKED
+from pipeline.ingest.image_guard import SIZE_RULES
 from pipeline.ingest.url_list import CAPTION, ERROR, FATE, URL, extra_column, extra_names
 from pipeline.spec.config import CAPFILT_KEEP, JobSpec, KeepSpec
 from pipeline.spec.fates import Fate, count_fates
@@ -201,6 +202,8 @@ class ShardWriter:
             "duplicate_of": None,
             "width": None,
             "height": None,
+            "original_width": None,
+            "original_height": None,
             "sha256": None,
             "pixel_hash": None,
             "synthetic_captions": None,
@@ -217,7 +220,9 @@ class ShardWriter:
         if row[FATE]:
             return {**record, "status": Fate(row[FATE]).value, "error": row[ERROR]}
         if status == UNDECODABLE:
-            return {**record, "status": Fate.DECODE_FAILED.value, "error": row["error_message"]}
+            error = row["error_message"] or ""
+            fate = Fate.WRONG_SIZE if error.startswith(SIZE_RULES) else Fate.DECODE_FAILED
+            return {**record, "status": fate.value, "error": error}
         if status != DOWNLOADED:
             error = row["error_message"] or status
             if error == OPT_OUT_ERROR:
@@ -226,7 +231,13 @@ class ShardWriter:
             return {**record, "status": fate.value, "error": error}
         if scores is None:
             raise RuntimeError(f"row {row['key']} was downloaded but never scored")
-        record.update(width=row["width"], height=row["height"], sha256=row["sha256"])
+        record.update(
+            width=row["width"],
+            height=row["height"],
+            original_width=row["original_width"],
+            original_height=row["original_height"],
+            sha256=row["sha256"],
+        )
         if scores.decode_error:
             return {**record, "status": Fate.DECODE_FAILED.value, "error": scores.decode_error}
         kept, selected = self._decide(row[CAPTION], scores)
@@ -238,6 +249,7 @@ class ShardWriter:
             **record,
             "caption": selected,
             "status": fate.value,
+            "error": self._why_filtered(row[CAPTION], scores) if fate == Fate.FILTERED else None,
             "duplicate_of": duplicate_of if fate == Fate.DUPLICATE_IMAGE else None,
             "pixel_hash": scores.pixel_hash,
             "synthetic_captions": scores.synthetic_captions,
@@ -248,6 +260,14 @@ class ShardWriter:
             "kept_captions": [{"text": c.text, "source": c.source, "itm": c.itm, "itc": c.itc} for c in kept],
             "image_embedding": embedding,
         }
+
+    def _why_filtered(self, web_caption: str | None, scores: Scores) -> str:
+        """A filtered row's reason: its best caption's ITM probability against the threshold."""
+        found = candidates(web_caption, scores.web_itm, scores.synthetic_captions, scores.synthetic_itm)
+        if not found:
+            return "no caption to score (no web caption, no synthetic caption)"
+        best = max(found, key=lambda c: c.itm)
+        return f"best caption ITM {best.itm:.3f} < filter.threshold {self.threshold:g} ({best.source})"
 
     def _decide(self, web_caption: str | None, scores: Scores) -> tuple[list[Candidate], str | None]:
         """The keep rule on one scored row: its kept captions and the selected one."""
@@ -299,7 +319,7 @@ def img2dataset_stats(report: dict[str, Any]) -> dict[str, Any]:
         "failed_to_download": counts[Fate.DOWNLOAD_FAILED]
         + counts[Fate.BLOCKED]
         + counts[Fate.INVALID_INPUT],
-        "failed_to_resize": counts[Fate.DECODE_FAILED],
+        "failed_to_resize": counts[Fate.DECODE_FAILED] + counts[Fate.WRONG_SIZE],
         "filtered": counts[Fate.FILTERED],
         "duplicates": counts[Fate.DUPLICATE_IMAGE],
         "status_dict": counts,

@@ -37,6 +37,10 @@ class SpecError(ValueError):
         super().__init__(printable(message))
 
 
+class OverrideError(SpecError):
+    """A `--set` override's problem: the message names `--set`, not the spec file it was applied to."""
+
+
 class _SpecLoader(yaml.SafeLoader):
     """PyYAML's safe loader without aliases: a job spec has no use for `&anchor`/`*alias`, and with
     them a few hundred bytes expand to gigabytes ("billion laughs") or a value contains itself."""
@@ -89,6 +93,8 @@ class DownloadSpec:
     denied_networks: tuple[str, ...] = ()
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 100_000_000
+    min_image_size: int = 0  # img2dataset's: an image whose shorter side is under it ends `wrong_size`
+    max_aspect_ratio: float | None = None  # img2dataset's (None: no limit): longer side over shorter
     user_agent_token: str | None = None
     disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED_HEADER_DIRECTIVES
 
@@ -211,7 +217,12 @@ class JobSpec:
 
     def download_fingerprint(self) -> str:
         """Hash of everything that decides the raw (downloaded) shards."""
-        return _hash(self._sections("input", "download"))
+        return _hash(self.download_settings())
+
+    def download_settings(self) -> dict[str, Any]:
+        """Everything that decides the raw (downloaded) shards: the input and download sections (a
+        setting added later left out at its default) and the shard size."""
+        return self._sections("input", "download")
 
     def _sections(self, *names: str) -> dict[str, Any]:
         spec = self.to_dict()
@@ -230,7 +241,14 @@ _ADDED_LATER = {
     "input": ("extra_columns",),
     "captioner": ("decoder", "compile"),
     "filter": ("keep",),
-    "download": ("allowed_networks", "denied_networks", "max_body_bytes", "max_image_pixels"),
+    "download": (
+        "allowed_networks",
+        "denied_networks",
+        "max_body_bytes",
+        "max_image_pixels",
+        "min_image_size",
+        "max_aspect_ratio",
+    ),
 }
 
 
@@ -275,6 +293,8 @@ def load_spec(
         raw = _parse_yaml(text)
         raw = raw if raw is not None else {}
         return spec_from_dict(raw, overrides) if check_files else typed_spec(raw, overrides)
+    except OverrideError:
+        raise
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
 
@@ -292,7 +312,10 @@ def typed_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec
     raw = _plain(raw)  # a copy that holds JSON's types only
     for item in overrides:
         _apply_override(raw, item)
-    _validate(raw)
+    try:
+        _validate(raw)
+    except SpecError as err:
+        raise _blamed_on_override(err, overrides) from None
     sections = {name: _section(cls, raw[name]) for name, cls in _SECTIONS.items() if name in raw}
     spec = JobSpec(**sections)
     _check_networks(spec.download)
@@ -312,10 +335,22 @@ def _section(cls: type, values: dict[str, Any]) -> Any:
     return cls(**typed)
 
 
+def _blamed_on_override(err: SpecError, overrides: list[str] | tuple[str, ...]) -> SpecError:
+    """The error as `--set`'s when it is about a key an override set (a typo in `--set` is not the
+    spec file's), else as it is."""
+    for item in overrides:
+        key, message = item.partition("=")[0].strip(), str(err)
+        if message.startswith(f"{key}: "):
+            return OverrideError(f"--set {item}: {message.removeprefix(f'{key}: ')}")
+        if message.startswith(f"{key}."):
+            return OverrideError(f"--set {item}: {message}")
+    return err
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise SpecError(f"--set {item!r}: expected key.path=value")
+        raise OverrideError(f"--set {item!r}: expected key.path=value")
     try:
         value = _plain(_parse_yaml(text), key.strip())  # as in a spec file: dates become strings
     except SpecError:
@@ -327,7 +362,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     for i, part in enumerate(parents):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise SpecError(f"--set {key}: {'.'.join(parents[: i + 1])} is not a section")
+            raise OverrideError(f"--set {key}: {'.'.join(parents[: i + 1])} is not a section")
         node = child
     node[leaf] = value
 

@@ -16,6 +16,7 @@ class Fate(StrEnum):
     DUPLICATE_IMAGE = "duplicate_image"  # kept, but an earlier kept row shows the same image (dedup)
     DOWNLOAD_FAILED = "download_failed"  # HTTP error, timeout, refused connection
     DECODE_FAILED = "decode_failed"  # the bytes are not a decodable image
+    WRONG_SIZE = "wrong_size"  # an image the size rules refuse (download.min_image_size, max_aspect_ratio)
     INVALID_INPUT = "invalid_input"  # the row itself is unusable (no URL, not a URL)
     BLOCKED = "blocked"  # policy: scheme, private address, opt-out header
 

@@ -40,6 +40,8 @@ def _fields(embedding_size: int) -> list[pa.Field]:
         pa.field("duplicate_of", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
         pa.field("sha256", pa.string()),
         pa.field("pixel_hash", pa.string()),
         pa.field("synthetic_captions", pa.list_(pa.string())),
@@ -68,16 +70,21 @@ COLUMN_DOCS = {
         "The web caption (alt-text) as given, whole, never normalised; null when the input had none."
     ),
     "status": (
-        "The row's fate: kept, filtered, duplicate_image, download_failed, decode_failed, invalid_input, "
-        "blocked."
+        "The row's fate: kept, filtered, duplicate_image, download_failed, decode_failed, wrong_size, "
+        "invalid_input, blocked."
     ),
-    "error": "Why the row was not kept for the failure fates; null otherwise.",
+    "error": (
+        "Why the row was not kept: the failure's message, or for filtered its best caption's ITM against "
+        "the threshold; null for kept and duplicate_image."
+    ),
     "duplicate_of": (
         "For status duplicate_image: the key of the earlier kept row whose image this one repeats (equal "
         "pixel_hash, or ITC embedding cosine >= filter.dedup.near_threshold); null otherwise."
     ),
     "width": "Width in pixels of the image as stored in the tar (after download resizing).",
     "height": "Height in pixels of the image as stored in the tar (after download resizing).",
+    "original_width": "Width in pixels of the image as downloaded, before resizing; null unless decoded.",
+    "original_height": "Height in pixels of the image as downloaded, before resizing; null unless decoded.",
     "sha256": "SHA-256 of the image bytes as downloaded (before resizing), hex.",
     "pixel_hash": (
         "BLAKE2b-128 of the image's decoded RGB pixels as stored in the tar (its size and every value), "
