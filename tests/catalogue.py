@@ -10,13 +10,26 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import dataclass
+from typing import Any
+
+from pipeline.spec.fates import Fate
 
 # The modules whose CATALOGUE sections make up the page, in the page's order.
 MODULES = ("tests.test_hostile_web", "tests.test_hostile_rows", "tests.test_user_side")
 
-SCORED = "kept or filtered"  # the image reached the models; the ITM filter decides
+SCORED = "scored"  # the image reached the models; the keep rule and dedup decide its fate (SCORED_FATES)
+SCORED_FATES = (Fate.KEPT, Fate.FILTERED, Fate.DUPLICATE_IMAGE)
 ERROR = "error before any work"  # a one-line `capfilt: error: …`, exit status 2
 RUNS = "runs"  # the job runs (an outcome may say more: "runs, resuming it")
+
+
+def assert_scored(record: dict[str, Any]) -> None:
+    """The row reached the models: a fate the scores decide, and no error but a filtered row's reason."""
+    assert record["status"] in SCORED_FATES, record
+    if record["status"] == Fate.FILTERED:
+        assert record["error"].startswith("best caption ITM "), record
+    else:
+        assert record["error"] is None, record
 
 
 @dataclass(frozen=True)
@@ -60,7 +73,9 @@ def render() -> str:
         f"Every case below is run by the test suite ({total} cases), through the real pipeline where it "
         "involves HTTP (img2dataset fetching from a server on 127.0.0.1). A web-side case ends in a "
         "fate, with its reason in the row's `error` column, and the job goes on; a user-side case "
-        "either runs as its outcome says or is refused with one line before any work starts. Fates are defined in [output.md](output.md).",
+        "either runs as its outcome says or is refused with one line before any work starts. Fates are defined in [output.md](output.md); "
+        "`scored` means the image reached the models and its scores decided: `kept`, `filtered`, or `duplicate_image` where an "
+        "earlier case served the same picture.",
         "",
     ]
     for section in found:

@@ -29,7 +29,7 @@ from pipeline.output.shard_writer import sample_record
 from pipeline.spec.fates import Fate
 from pipeline.spec.records import SHARD_SCHEMA
 from pipeline.synthetic.sample_web import Route, jpeg_bytes, render_scene
-from tests.catalogue import ERROR, SCORED, Case, Section
+from tests.catalogue import ERROR, SCORED, Case, Section, assert_scored
 from tests.conftest import make_spec, read_records
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -291,7 +291,7 @@ CHECKS: dict[str, Callable[[RowsJobs, dict[str, Any]], None]] = {
 def test_rows(rows_jobs, case):
     row = rows_jobs.records[case.name][0]
     if case.outcome == SCORED:
-        assert row["status"] in (Fate.KEPT, Fate.FILTERED) and row["error"] is None, row
+        assert_scored(row)
         _scored(row)
     else:
         assert row["status"] == case.outcome, row
@@ -395,7 +395,7 @@ def test_retry_failed_keeps_the_extra_columns_of_the_rows_it_retries(tmp_path, w
         [],
         tiny_models,
         input={"extra_columns": ["source"]},
-        filter={"threshold": 0.0},
+        filter={"threshold": 0.0, "dedup": {"exact": False}},  # one picture thrice: every row kept
         output={"keep_downloads": True},
     )
     first = run_job(spec, log=lambda _: None)

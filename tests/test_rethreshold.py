@@ -39,6 +39,7 @@ def test_the_jobs_own_threshold_reproduces_its_shards_byte_for_byte(curated_job,
         "path": str(source.root.resolve()),
         "threshold": 0.5,
         "keep": {"rule": "threshold", "k": 1, "by": "itm"},
+        "dedup": {"exact": True, "near_threshold": None},
     }
     for raw in source.downloads.iterdir():  # hard links: no space spent, and OUT's later changes stay OUT's
         assert os.path.samefile(raw, new.downloads / raw.name), raw.name

@@ -43,9 +43,9 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors unpick
 @pytest.fixture
 def shard_site():
     """8 shards of 4 images each, one path per row, so that each request tells which shard it is for."""
-    body = jpeg_bytes(render_scene(5)[0])
+    jpeg = (("Content-Type", "image/jpeg"),)  # a picture each: none is a copy that dedup would drop
     routes = {
-        f"/s{i:03d}.jpg": Route(body=body, headers=(("Content-Type", "image/jpeg"),)) for i in range(32)
+        f"/s{i:03d}.jpg": Route(body=jpeg_bytes(render_scene(100 + i)[0]), headers=jpeg) for i in range(32)
     }
     with StaticSite(routes) as site:
         yield site
