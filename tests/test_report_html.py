@@ -70,6 +70,16 @@ def test_report_has_counts_histogram_curve_samples_and_dropped_examples(report, 
     body = ET.tostring(page, encoding="unicode")
     for fate, n in curated_job.manifest["counts"].items():
         assert re.search(rf"<td class=\"text\">{fate}</td><td>{n}</td>", body), fate
+    # Rows by domain, size as downloaded and caption length: each table accounts for every row.
+    assert {"Top web domains by rows", "By the web caption's length"} <= set(headings)
+    for table in page.iter("table"):
+        head = [th.text for th in table.iter("th")]
+        if head[1:] == ["rows", "kept", "kept %"]:
+            rows = [[td.text for td in tr.iter("td")] for tr in table.iter("tr")][1:]
+            assert sum(int(r[1]) for r in rows) == curated_job.manifest["input_rows"], head[0]
+            assert sum(int(r[2]) for r in rows) == curated_job.manifest["counts"]["kept"], head[0]
+            if head[0] == "domain":
+                assert rows[0][0] == "127.0.0.1"
 
 
 def test_hostile_captions_are_shown_as_text(report):
@@ -122,12 +132,15 @@ def test_report_renders_in_headless_chromium_without_errors(report):
         broken = page.evaluate("[...document.images].filter(i => !i.complete || i.naturalWidth === 0).length")
         total = page.evaluate("document.images.length")
         histogram_width = page.evaluate("document.getElementById('histogram').naturalWidth")
+        # A 1x1 image is drawn as one pixel, not blown up to a thumbnail's size.
+        blown_up = "[...document.querySelectorAll('.card img')].filter(i => i.width > i.naturalWidth).length"
+        too_big = page.evaluate(blown_up)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
         browser.close()
     assert errors == []
     assert [r for r in requests if not r.startswith(("data:", "file:"))] == []
-    assert total > 10 and broken == 0 and histogram_width == 600
+    assert total > 10 and broken == 0 and histogram_width == 600 and too_big == 0
     assert (ARTIFACTS / "report.png").stat().st_size > 50_000
 
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.curate.decide import WEB
+from pipeline.inspect.breakdowns import Breakdowns
 from pipeline.output.job_output import JobOutput, ShardState
 from pipeline.output.manifest import DONE
 from pipeline.spec.fates import Fate, add_counts, count_fates
@@ -107,6 +108,7 @@ class Inspection:
     dropped: dict[tuple[str, str], Sample] = field(default_factory=dict)  # (fate, reason) -> examples
     examples_per_reason: int = 0
     duplicate_urls: int | None = None  # input rows whose URL an earlier row had (the manifest's count)
+    breakdowns: Breakdowns = field(default_factory=Breakdowns)  # rows and kept by domain, size, caption
 
     @property
     def complete(self) -> bool:
@@ -178,6 +180,7 @@ def _add_shard(found: Inspection, shard: str, table: pa.Table, priority: np.ndar
     kept, filtered = status == Fate.KEPT, status == Fate.FILTERED
     copies = status == Fate.DUPLICATE_IMAGE
     scored = kept | filtered | copies
+    found.breakdowns.add(table, kept)
     found.scored_images += int(scored.sum())
     found.samples.offer(shard, table, scored, priority)
 

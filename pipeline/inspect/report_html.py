@@ -38,6 +38,7 @@ from pipeline.output.summary import percent
 from pipeline.spec.fates import Fate
 
 THUMBNAIL_PX = 160
+TOP_DOMAINS = 20
 CURVE_TABLE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _TEXT = ' class="text"'
 _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -51,7 +52,7 @@ th { background: #f3f3f3; } td.text, th.text { text-align: left; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 12px; }
 .card { border: 1px solid #ccc; border-radius: 6px; padding: 8px; background: #fafafa; }
 .card.filtered { border-color: #c44; }
-.card img { width: 160px; height: auto; display: block; image-rendering: pixelated; }
+.card img { max-width: 160px; height: auto; display: block; image-rendering: pixelated; }
 .meta { color: #666; font-size: 12px; margin: 4px 0; }
 .captions { list-style: none; padding: 0; margin: 0; font-size: 13px; }
 .captions li { margin: 3px 0; padding: 2px 4px; border-left: 3px solid #ccc; }
@@ -77,6 +78,7 @@ def write_report(found: Inspection, output: JobOutput, path: Path) -> None:
             _grid(found.samples.rows, found.threshold, thumbnails),
         ),
         _dropped(found, thumbnails),
+        _breakdowns(found),
         _shards(found),
     ]
     page = (
@@ -186,8 +188,13 @@ def _histogram_png(found: Inspection) -> str:
         counts = hist.counts[:BINS].reshape(50, BINS // 50).sum(axis=1)
         counts[-1] += hist.counts[BINS]  # the scores of exactly 1.0
         axes.stairs(counts, edges, label=f"{name} ({hist.n})", color=colour, linewidth=1.5)
-    return _finish(figure, axes, found.threshold, "upper center", xlabel="ITM match probability",
-                   ylabel="captions", title="ITM scores of candidate captions")  # fmt: skip
+    # Scores pile up near 0 and 1: a log count axis (linear below 1, so empty bins show) keeps the
+    # captions in between visible.
+    axes.set_yscale("symlog", linthresh=1)
+    labels = {"xlabel": "ITM match probability", "ylabel": "captions (log scale)"}
+    return _finish(
+        figure, axes, found.threshold, "upper center", title="ITM scores of candidate captions", **labels
+    )
 
 
 def _retention_png(found: Inspection, grid: np.ndarray, curves: dict[str, list[float]]) -> str:
@@ -258,9 +265,13 @@ def _card(row: Row, threshold: float, thumbnails: dict[tuple[str, str], str]) ->
         if image
         else '<p class="meta">(image not on disk)</p>'
     )
+    size = f"{row['width']}×{row['height']}"
+    original = (row.get("original_width"), row.get("original_height"))
+    if original[0] and original != (row["width"], row["height"]):
+        size += f" (downloaded {original[0]}×{original[1]})"
     return (
         f'<div class="card {row["status"]}">{picture}'
-        f'<div class="meta">{_e(row["key"])} · {_e(row["status"])} · {row["width"]}×{row["height"]} · '
+        f'<div class="meta">{_e(row["key"])} · {_e(row["status"])} · {size} · '
         f'threshold {threshold:g}</div><ul class="captions">{"".join(items)}</ul></div>'
     )
 
@@ -300,6 +311,25 @@ def _group_size(found: Inspection, group: tuple[str, str]) -> int:
     if group == (Fate.KEPT.value, WEB_REPLACED):
         return found.web_replaced
     return found.errors[group]
+
+
+def _breakdowns(found: Inspection) -> str:
+    """Rows and kept images by web domain (the top 20), by size as downloaded, by web caption length."""
+    b = found.breakdowns
+    header = ["rows", "kept", "kept %"]
+
+    def rows(entries: list[tuple[str, int, int]]) -> list[tuple[Any, ...]]:
+        return [(key, n, kept, percent(kept, n)) for key, n, kept in entries]
+
+    return _section(
+        "Kept, by domain, image size and caption length",
+        "<h3>Top web domains by rows</h3>"
+        + _table(["domain", *header], rows(b.domains.top(TOP_DOMAINS)))
+        + "<h3>By the shorter side of the image as downloaded</h3>"
+        + _table(["shorter side", *header], rows(b.sizes.in_order(b.size_order)))
+        + "<h3>By the web caption's length</h3>"
+        + _table(["web caption", *header], rows(b.caption_words.in_order(b.word_order))),
+    )
 
 
 def _shards(found: Inspection) -> str:
