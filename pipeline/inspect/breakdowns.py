@@ -47,12 +47,17 @@ class Breakdown:
     rows: Counter[str] = field(default_factory=Counter)
     kept: Counter[str] = field(default_factory=Counter)
 
-    def add(self, keys: list[str], kept: np.ndarray) -> None:
-        for key, is_kept in zip(keys, kept.tolist(), strict=True):
+    def add(self, keys: pa.Array | pa.ChunkedArray, kept: np.ndarray) -> None:
+        """One shard's key per row and whether the row was kept: grouped by pyarrow, then counted."""
+        grouped = pa.table({"key": keys, "kept": pa.array(kept.astype(np.int64))}).group_by("key")
+        counts = grouped.aggregate([("kept", "sum"), ("kept", "count")])
+        for key, kept_rows, rows in zip(
+            *(counts[c].to_pylist() for c in ("key", "kept_sum", "kept_count")), strict=True
+        ):
             if key not in self.rows and len(self.rows) >= MAX_KEYS:
                 key = OTHER
-            self.rows[key] += 1
-            self.kept[key] += is_kept
+            self.rows[key] += rows
+            self.kept[key] += kept_rows
 
     def top(self, n: int) -> list[tuple[str, int, int]]:
         """The `n` keys with the most rows: (key, rows, kept)."""
@@ -85,20 +90,24 @@ class Breakdowns:
         return [label for _, label in WORD_BANDS]
 
 
-def _domains(urls: pa.ChunkedArray) -> list[str]:
-    hosts = pc.struct_field(pc.extract_regex(pc.fill_null(urls, ""), _HOST), "host")
-    return [h.lower() if h else NO_DOMAIN for h in hosts.to_pylist()]
+def _domains(urls: pa.ChunkedArray) -> pa.ChunkedArray:
+    hosts = pc.utf8_lower(pc.struct_field(pc.extract_regex(pc.fill_null(urls, ""), _HOST), "host"))
+    return pc.if_else(pc.fill_null(pc.not_equal(hosts, ""), False), hosts, NO_DOMAIN)
 
 
-def _size_bands(width: pa.ChunkedArray, height: pa.ChunkedArray) -> list[str]:
-    shorter = pc.min_element_wise(width, height).to_numpy(zero_copy_only=False)
-    return [_band(SIZE_BANDS, side) if side == side else NOT_DECODED for side in shorter.tolist()]
+def _size_bands(width: pa.ChunkedArray, height: pa.ChunkedArray) -> pa.Array:
+    shorter = pc.min_element_wise(width, height).to_numpy(zero_copy_only=False).astype(np.float64)
+    labels = _banded(SIZE_BANDS, np.nan_to_num(shorter, nan=0))
+    return pa.array(np.where(np.isnan(shorter), NOT_DECODED, labels))
 
 
-def _word_bands(captions: pa.ChunkedArray) -> list[str]:
-    words = pc.count_substring_regex(pc.fill_null(captions, ""), r"\S+")
-    return [_band(WORD_BANDS, n) for n in words.to_numpy(zero_copy_only=False).tolist()]
+def _word_bands(captions: pa.ChunkedArray) -> pa.Array:
+    words = pc.count_substring_regex(pc.fill_null(captions, ""), r"\S+").to_numpy(zero_copy_only=False)
+    return pa.array(_banded(WORD_BANDS, words))
 
 
-def _band(bands: tuple[tuple[int, str], ...], value: float) -> str:
-    return next(label for start, label in reversed(bands) if value >= start)
+def _banded(bands: tuple[tuple[int, str], ...], values: np.ndarray) -> np.ndarray:
+    """Each value's band label: the last band whose start it reaches."""
+    starts = np.array([start for start, _ in bands])
+    labels = np.array([label for _, label in bands], dtype=object)
+    return labels[np.searchsorted(starts, values, side="right") - 1]

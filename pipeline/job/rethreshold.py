@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.storage import Location, read_parquet
-from pipeline.curate.dedup import DuplicateIndex
+from pipeline.curate.dedup import DuplicateIndex, KeptImage
 from pipeline.job.output_guard import claim_output
 from pipeline.output.job_output import JobOutput, OutputError
 from pipeline.output.manifest import build_manifest, check_accounting, write_manifest
@@ -111,15 +111,14 @@ def rethreshold(
                 path.link_to(into / path.name)
 
         writer = ShardWriter.of(spec, work, source.embedding_size())
-        # Dedup decides again, in input order, over what the new rule keeps; then writing a shard is
-        # Python-bound (a record per row), so shards go to worker processes.
         index = DuplicateIndex(spec.filter.dedup, source.embedding_size())
-        jobs = []
-        for name in names:
-            kept = writer.kept_images(_stored_scores(source.layout, name))
-            jobs.append((writer, source.layout, name, index.decide(kept)))
+        # Reading a shard's rows and writing it are Python-bound (a record per row), so both go to worker
+        # processes; between them dedup decides, here, in input order, over what the new rule keeps.
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, len(names))), mp_context=spawn) as pool:
+            shards = [(writer, source.layout, name) for name in names]
+            kept = pool.map(_kept_images, shards) if index.active else [[] for _ in names]
+            jobs = [(*shard, index.decide(images)) for shard, images in zip(shards, kept, strict=True)]
             reports = dict(zip(names, pool.map(_rewrite, jobs), strict=True))
         duplicates = source.manifest.get("duplicate_urls")  # the new directory has no prepared list
         manifest = build_manifest(spec, source.input_rows, names, reports, {}, duplicate_urls=duplicates)
@@ -148,6 +147,11 @@ def _interrupted_here(target: Location) -> bool:
     return (
         not target.local and IN_PROGRESS in names and names <= {IN_PROGRESS, "downloads", "shards", "_input"}
     )
+
+
+def _kept_images(shard: tuple[ShardWriter, OutputLayout, str]) -> list[KeptImage]:
+    writer, source, name = shard
+    return writer.kept_images(_stored_scores(source, name))
 
 
 def _rewrite(job: tuple[ShardWriter, OutputLayout, str, dict[str, str]]) -> dict[str, Any]:
