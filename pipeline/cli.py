@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from pipeline import __version__
 from pipeline.job.cluster_jobs import ClusterError
@@ -234,20 +235,27 @@ def _bench_stream(args: argparse.Namespace) -> int:
     return _print_figures(format_stream_report(report), report, args.json)
 
 
+def _command(group: Any, name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand whose `--help` says what it does (its one line, as `capfilt --help` lists it) and
+    each option's default."""
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    return group.add_parser(name, help=help, description=help, formatter_class=defaults, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capfilt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"capfilt {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run or resume a job (on a local Ray unless --address/RAY_ADDRESS)")
+    run = _command(commands, "run", help="run or resume a job (on a local Ray unless --address/RAY_ADDRESS)")
     run.add_argument("job", help="job spec YAML")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
     run.add_argument("--address", help="Ray address of a running cluster")
     run.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     run.set_defaults(handler=_run)
 
-    submit = commands.add_parser(
-        "submit", help="submit a job to a running Ray cluster (Ray Jobs API); prints the job id"
+    submit = _command(
+        commands, "submit", help="submit a job to a running Ray cluster (Ray Jobs API); prints the job id"
     )
     submit.add_argument("job", help="job spec YAML (validated here, shipped to the cluster)")
     submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
@@ -259,7 +267,7 @@ def _parser() -> argparse.ArgumentParser:
         ("logs", _logs, "a submitted job's log"),
         ("stop", _stop, "stop a submitted job (finished shards are kept)"),
     ):
-        command = commands.add_parser(name, help=about)
+        command = _command(commands, name, help=about)
         command.add_argument("job_id", help="the id `capfilt submit` printed")
         command.add_argument("--address", help=JOBS_API_HELP)
         command.set_defaults(handler=handler)
@@ -268,8 +276,8 @@ def _parser() -> argparse.ArgumentParser:
                 "--follow", action="store_true", help="until the job ends; exit 1 unless it succeeded"
             )
 
-    demo = commands.add_parser(
-        "demo", help="an offline end-to-end run on a generated noisy web, trained tiny models"
+    demo = _command(
+        commands, "demo", help="an offline end-to-end run on a generated noisy web, trained tiny models"
     )
     demo.add_argument("--out", default="demo", help="where to write models, URL list and output")
     demo.add_argument(
@@ -278,16 +286,20 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--address", help="Ray address of a running cluster")
     demo.set_defaults(handler=_demo)
 
-    inspect = commands.add_parser(
-        "inspect", help="what a job kept and dropped, and why (works on a running or unfinished job)"
+    inspect = _command(
+        commands,
+        "inspect",
+        help="what a job kept and dropped, and why (works on a running or unfinished job)",
     )
     inspect.add_argument("out_dir", help="the job's output.path")
     inspect.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
     inspect.add_argument("--samples", type=int, default=24, help="sample images in the HTML report")
     inspect.set_defaults(handler=_inspect)
 
-    rethreshold = commands.add_parser(
-        "rethreshold", help="write the output for another ITM threshold from the stored scores (no GPU)"
+    rethreshold = _command(
+        commands,
+        "rethreshold",
+        help="write the output for another ITM threshold from the stored scores (no GPU)",
     )
     rethreshold.add_argument("out_dir", help="the job's output.path (left as it is)")
     rethreshold.add_argument("--threshold", type=float, help="the new ITM threshold (default: the job's)")
@@ -306,14 +318,16 @@ def _parser() -> argparse.ArgumentParser:
     rethreshold.add_argument("--out", required=True, help="a new directory for the new output")
     rethreshold.set_defaults(handler=_rethreshold)
 
-    retry = commands.add_parser(
-        "retry-failed", help="download again the rows whose download failed, caption, filter and fold them in"
+    retry = _command(
+        commands,
+        "retry-failed",
+        help="download again the rows whose download failed, caption, filter and fold them in",
     )
     retry.add_argument("out_dir", help="the job's output.path (updated in place)")
     retry.add_argument("--address", help="Ray address of a running cluster")
     retry.set_defaults(handler=_retry_failed)
 
-    tiny = commands.add_parser("tiny-models", help="write tiny BLIP captioner and ITM checkpoints")
+    tiny = _command(commands, "tiny-models", help="write tiny BLIP captioner and ITM checkpoints")
     tiny.add_argument("dir", help="writes DIR/captioner and DIR/itm")
     tiny.add_argument(
         "--trained", action="store_true", help="the shipped models trained on the synthetic world"
@@ -321,9 +335,9 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (without --trained)")
     tiny.set_defaults(handler=_tiny_models)
 
-    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(required=True, metavar="BENCHMARK")
-    quality = bench.add_parser(
-        "quality", help="filter, captioner and bootstrap quality on the synthetic world"
+    bench = _command(commands, "bench", help="benchmarks").add_subparsers(required=True, metavar="BENCHMARK")
+    quality = _command(
+        bench, "quality", help="filter, captioner and bootstrap quality on the synthetic world"
     )
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--rows", type=int, default=1000, help="web image-text pairs to curate")
@@ -331,7 +345,7 @@ def _parser() -> argparse.ArgumentParser:
     quality.add_argument("--address", help="Ray address of a running cluster")
     quality.set_defaults(handler=_bench_quality)
 
-    dedup = bench.add_parser("dedup", help="image dedup's recall and false merges on planted copies")
+    dedup = _command(bench, "dedup", help="image dedup's recall and false merges on planted copies")
     dedup.add_argument("--seed", type=int, default=0)
     dedup.add_argument("--distinct", type=int, default=600, help="distinct images of the synthetic world")
     dedup.add_argument(
@@ -341,7 +355,7 @@ def _parser() -> argparse.ArgumentParser:
     dedup.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     dedup.set_defaults(handler=_bench_dedup)
 
-    perf = bench.add_parser("perf", help="speed per stage, Ray's cost, memory, the model vs a plain HF loop")
+    perf = _command(bench, "perf", help="speed per stage, Ray's cost, memory, the model vs a plain HF loop")
     perf.add_argument(
         "--rows",
         type=int,
@@ -363,8 +377,10 @@ def _parser() -> argparse.ArgumentParser:
     perf.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     perf.set_defaults(handler=_bench_perf)
 
-    engine = bench.add_parser(
-        "engine", help="the CapFilt model work: FLOPs vs the minimum, vs the matmul rate, vs a plain HF loop"
+    engine = _command(
+        bench,
+        "engine",
+        help="the CapFilt model work: FLOPs vs the minimum, vs the matmul rate, vs a plain HF loop",
     )
     engine.add_argument(
         "--architecture", default="large", choices=["tiny", "base", "large"], help="BLIP sizes"
@@ -373,7 +389,7 @@ def _parser() -> argparse.ArgumentParser:
     engine.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     engine.set_defaults(handler=_bench_engine)
 
-    stream = bench.add_parser("stream", help="first shard against list length, download/model overlap, disk")
+    stream = _command(bench, "stream", help="first shard against list length, download/model overlap, disk")
     stream.add_argument("--overlap-rows", type=int, default=20000, help="rows of the overlap measurement")
     stream.add_argument("--dir", default="capfilt-bench-stream", help="work directory (jobs, models)")
     stream.add_argument("--json", metavar="FILE", help="also write the figures as JSON")

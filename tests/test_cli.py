@@ -111,3 +111,29 @@ def test_ctrl_c_during_the_download_exits_130_and_says_so(tmp_path, web, tiny_mo
     assert inspected.returncode == 0, inspected.stderr
     assert "INCOMPLETE: 0 of 1 shards written" in inspected.stdout
     assert f"{'(not written yet)':<18}{1:>10}" in inspected.stdout
+
+
+def test_every_command_s_help_says_what_it_does_and_its_defaults(capsys):
+    """`capfilt CMD --help` begins with the line `capfilt --help` lists for CMD, and gives each option's
+    default. In-process: argparse prints and exits, nothing else runs."""
+    from pipeline.cli import _parser
+
+    def subcommands(parser) -> dict[str, tuple[str, object]]:
+        action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+        about = {choice.dest: choice.help for choice in action._choices_actions}
+        return {name: (about[name], sub) for name, sub in action.choices.items()}
+
+    commands = subcommands(_parser())
+    commands |= {f"bench {name}": entry for name, entry in subcommands(commands["bench"][1]).items()}
+    assert {"run", "submit", "inspect", "rethreshold", "retry-failed", "bench dedup"} <= set(commands)
+    for name, (about, _) in commands.items():
+        if name == "bench":
+            continue
+        with pytest.raises(SystemExit) as done:
+            _parser().parse_args([*name.split(), "--help"])
+        assert done.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert " ".join(about.split()) in text, name
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["bench", "dedup", "--help"])
+    assert "(default: 600)" in capsys.readouterr().out  # --distinct
