@@ -12,14 +12,13 @@ RAY_ERROR = (
     '  File "/opt/venv/lib/python3.11/site-packages/transformers/modeling_utils.py", line 4100, in from_pretrained\n'
     "    raise OSError(message)\n"
     "\x1b[31mOSError\x1b[0m: models/itm2 is not a local folder\n"
-    "and is not a valid model identifier listed on https://huggingface.co/models\n"
+    "and is not a valid model identifier listed on the hub\n"
 )
 
 
 def test_a_remote_traceback_becomes_its_exception_without_colour_codes():
     assert one_line(RuntimeError(RAY_ERROR)) == (
-        "OSError: models/itm2 is not a local folder and is not a valid model identifier listed on "
-        "https://huggingface.co/models"
+        "OSError: models/itm2 is not a local folder and is not a valid model identifier listed on the hub"
     )
 
 

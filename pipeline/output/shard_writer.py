@@ -152,7 +152,7 @@ class ShardWriter:
         return [
             KeptImage(key, s.pixel_hash, s.image_embedding)
             for key, s in sorted(scores.items())
-            if not s.decode_error and self._decide(s.web_caption, s)[0]
+            if not s.decode_error and decide(self._candidates(s.web_caption, s), self.threshold, self.keep)[0]
         ]
 
     def write(
@@ -240,7 +240,8 @@ class ShardWriter:
         )
         if scores.decode_error:
             return {**record, "status": Fate.DECODE_FAILED.value, "error": scores.decode_error}
-        kept, selected = self._decide(row[CAPTION], scores)
+        found = self._candidates(row[CAPTION], scores)
+        kept, selected = decide(found, self.threshold, self.keep)
         fate = Fate.KEPT if kept else Fate.FILTERED
         if kept and duplicate_of:
             fate, selected = Fate.DUPLICATE_IMAGE, None  # scored and kept, then a copy: not trained on
@@ -249,7 +250,7 @@ class ShardWriter:
             **record,
             "caption": selected,
             "status": fate.value,
-            "error": self._why_filtered(row[CAPTION], scores) if fate == Fate.FILTERED else None,
+            "error": self._why_filtered(found) if fate == Fate.FILTERED else None,
             "duplicate_of": duplicate_of if fate == Fate.DUPLICATE_IMAGE else None,
             "pixel_hash": scores.pixel_hash,
             "synthetic_captions": scores.synthetic_captions,
@@ -261,17 +262,16 @@ class ShardWriter:
             "image_embedding": embedding,
         }
 
-    def _why_filtered(self, web_caption: str | None, scores: Scores) -> str:
+    def _why_filtered(self, found: list[Candidate]) -> str:
         """A filtered row's reason: its best caption's ITM probability against the threshold."""
-        found = candidates(web_caption, scores.web_itm, scores.synthetic_captions, scores.synthetic_itm)
         if not found:
             return "no caption to score (no web caption, no synthetic caption)"
         best = max(found, key=lambda c: c.itm)
         return f"best caption ITM {best.itm:.3f} < filter.threshold {self.threshold:g} ({best.source})"
 
-    def _decide(self, web_caption: str | None, scores: Scores) -> tuple[list[Candidate], str | None]:
-        """The keep rule on one scored row: its kept captions and the selected one."""
-        found = candidates(
+    def _candidates(self, web_caption: str | None, scores: Scores) -> list[Candidate]:
+        """One scored row's candidate captions, the web one first."""
+        return candidates(
             web_caption,
             scores.web_itm,
             scores.synthetic_captions,
@@ -279,7 +279,6 @@ class ShardWriter:
             scores.web_itc,
             scores.synthetic_itc,
         )
-        return decide(found, self.threshold, self.keep)
 
     def _write_tar(self, shard: str, kept: Mapping[str, Record]) -> None:
         """KEY.jpg (the downloaded bytes, untouched), KEY.json (`sample_record`), KEY.txt (the caption)."""
