@@ -20,6 +20,10 @@ DEMO_ROWS = 300  # 29 s on 2 cores (README: `time capfilt demo`)
 
 USAGE_ERROR = 2
 JOBS_API_HELP = "the cluster's Jobs API, e.g. http://HEAD:8265; default RAY_ADDRESS"
+VERBOSE_HELP = (
+    "show Ray's and the libraries' own output here too (by default it goes to OUTPUT/logs/capfilt.log, "
+    "and the console shows capfilt's lines, a progress display and the summary)"
+)
 OVERWRITE_HELP = (
     "delete everything in output.path first and start afresh, instead of resuming or refusing a "
     "directory that holds other files (never /, the home or the working directory)"
@@ -40,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.job, overrides=args.set)  # before importing Ray and torch: bad specs fail fast
+    from pipeline.job.console import Console
     from pipeline.job.runner import run_job
     from pipeline.output.summary import format_summary
 
-    result = run_job(spec, address=args.address or os.environ.get("RAY_ADDRESS"), overwrite=args.overwrite)
+    address, console = args.address or os.environ.get("RAY_ADDRESS"), Console(verbose=args.verbose)
+    result = run_job(spec, address=address, overwrite=args.overwrite, console=console)
     print(format_summary(result.manifest, spec.output.path))
     return 0 if result.complete else 1
 
@@ -75,7 +81,23 @@ def _status(args: argparse.Namespace) -> int:
     output = found["metadata"].get("output")
     if output:
         print(f"output: {output}")
+        progress = _progress_of(output)
+        if progress:
+            print(progress)
     return 0 if found["status"] not in ENDED or found["status"] == SUCCEEDED else 1
+
+
+def _progress_of(output: str) -> str | None:
+    """The progress line of the job writing `output`, from its manifest (rewritten every few seconds
+    while it runs), when this machine can read it; None when it cannot or the job has not begun."""
+    from pipeline.job.progress import progress_line
+    from pipeline.spec.layout import OutputLayout
+
+    try:
+        manifest = OutputLayout(output).manifest.read_json()
+        return f"{progress_line(manifest['progress'])} (as of {manifest['written_at']})"
+    except (OSError, ValueError, KeyError, TypeError, ImportError):  # not here, not begun, a backend missing
+        return None
 
 
 def _logs(args: argparse.Namespace) -> int:
@@ -99,11 +121,13 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from pipeline.job.console import Console
     from pipeline.output.summary import format_summary
     from pipeline.synthetic.demo import examples, run_demo
 
     started = time.monotonic()
-    result = run_demo(Path(args.out), rows=args.rows, address=args.address)
+    console = Console(verbose=args.verbose)
+    result = run_demo(Path(args.out), rows=args.rows, address=args.address, console=console)
     print(format_summary(result.manifest, str(result.layout.root)))
     print(examples(result))
     models = Path(args.out) / "models"
@@ -252,6 +276,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
     run.add_argument("--address", help="Ray address of a running cluster")
     run.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(handler=_run)
 
     submit = _command(
@@ -284,6 +309,7 @@ def _parser() -> argparse.ArgumentParser:
         "--rows", type=int, default=DEMO_ROWS, help="web image-text pairs (hostile cases are added)"
     )
     demo.add_argument("--address", help="Ray address of a running cluster")
+    demo.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     demo.set_defaults(handler=_demo)
 
     inspect = _command(

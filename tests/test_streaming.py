@@ -5,7 +5,10 @@ and a job killed between a shard's download and its commit resumes to the same o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import json
 import os
 import sys
 import threading
@@ -18,6 +21,8 @@ from ray import cloudpickle
 from pipeline.cli import main
 from pipeline.curate.capfilt_stage import CapFiltStage
 from pipeline.ingest import list_readers, url_list
+from pipeline.job import runner
+from pipeline.job.console import Console
 from pipeline.job.runner import run_job
 from pipeline.spec.fates import Fate
 from pipeline.spec.layout import OutputLayout
@@ -232,3 +237,44 @@ def test_a_prepare_that_fails_mid_stream_fails_the_shards_it_held_and_the_job_re
     monkeypatch.undo()
     again = run_job(spec, log=lambda _: None)
     assert again.complete and len(read_records(layout)) == 32
+
+
+def test_the_manifest_tells_how_far_a_running_job_is_and_the_console_shows_it(
+    tmp_path, shard_site, tiny_models, monkeypatch
+):
+    monkeypatch.setattr(runner._Watch, "MANIFEST_EVERY_S", 0.5)
+    rows = [(shard_site.url(f"/s{i:03d}.jpg"), f"row {i}") for i in range(32)]
+    spec = shard_job(
+        tmp_path, rows, tiny_models, captioner={"batch_size": 4}, resources={"shards_in_flight": 2}
+    )
+    layout = OutputLayout(spec.output.path)
+    seen, ended = [], threading.Event()
+
+    def watch() -> None:  # what `capfilt status` reads, as often as it is rewritten
+        while not ended.is_set():
+            with contextlib.suppress(OSError, ValueError, KeyError):  # not written yet
+                seen.append(json.loads(layout.manifest.read_text())["progress"])
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stream = io.StringIO()
+    try:
+        result = run_job(spec, stage_type=SlowStage, console=Console(verbose=True, stream=stream))
+    finally:
+        ended.set()
+        watcher.join()
+    midway = [p for p in seen if p and p["running"] and 0 < p["shards"]["committed"] < 8]
+    assert midway, seen
+    committed = [p["shards"]["committed"] for p in seen if p]
+    assert committed == sorted(committed)
+    assert midway[-1]["eta_s"] > 0 and midway[-1]["kept_percent"] is not None
+    final = result.manifest["progress"]
+    assert not final["running"] and final["eta_s"] is None
+    assert final["shards"] == {"total": 8, "committed": 8, "failed": 0}
+    assert final["rows_downloaded"] == final["images_scored"] == 32
+    kept = result.manifest["counts"][Fate.KEPT]
+    assert final["kept_percent"] == round(100 * kept / 32, 1)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("capfilt: 32 input rows in 8 shards")
+    assert lines[-1].startswith("capfilt: shards 8/8 committed | ")

@@ -66,8 +66,14 @@ def test_submit_follow_status_and_the_output_it_wrote(capsys, head, clean_submis
     assert code == 0
     assert "no GPUs in the Ray cluster: CapFilt actors run on the CPU" in log  # the CPU-only cluster says so
     manifest = json.loads(layout.manifest.read_text())
-    assert f"shards: {len(manifest['shards'])} done, 0 failed, 0 pending" in log
+    shards = len(manifest["shards"])
+    assert f"shards: {shards} done, 0 failed, 0 pending" in log
+    # The driver's console: its progress, not Ray's log stream (that is in the output's log file)
+    assert f"capfilt: shards {shards}/{shards} committed | " in log and "streaming_executor" not in log
+    assert "streaming_executor" in (layout.root / "logs" / "capfilt.log").read_text()
     assert _status(capsys, job_id, head.jobs_api) == "SUCCEEDED"
+    main(["status", job_id, "--address", head.jobs_api])  # and how far it got, from the manifest
+    assert f"\nshards {shards}/{shards} committed | " in capsys.readouterr().out
     assert manifest["complete"] and sum(manifest["counts"].values()) == len(job_rows)
     assert len(read_records(layout)) == len(job_rows)
     assert [a["device"] for a in manifest["actors"]] == ["cpu"]

@@ -45,7 +45,13 @@ def capfilt_names(root: Location) -> frozenset[str]:
     layout = OutputLayout(root)
     whole = [layout.manifest]  # written under a temporary name, then renamed
     temporary = [temporary_name(p.path).rpartition("/")[2] for p in whole]
-    directories = [layout.prepared_input.name, layout.downloads.name, layout.shards.name, RETRY_DIR]
+    directories = [
+        layout.prepared_input.name,
+        layout.downloads.name,
+        layout.shards.name,
+        layout.logs.name,
+        RETRY_DIR,
+    ]
     earlier = ["_input.parquet"]  # the prepared list of outputs written before it was one file a shard
     return frozenset([*(p.name for p in whole), *temporary, *directories, *earlier, LOCK_NAME, IN_PROGRESS])
 

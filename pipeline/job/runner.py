@@ -25,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import tempfile
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.core.messages import one_line
@@ -45,7 +47,9 @@ from pipeline.ingest.download import ShardDownload
 from pipeline.ingest.prepared_list import PreparedList, PrepareFailed
 from pipeline.ingest.url_list import ListPreparation, check_columns
 from pipeline.ingest.urlpolicy import NetworkPolicy
+from pipeline.job.console import Console
 from pipeline.job.output_guard import claim_output
+from pipeline.job.progress import JobProgress
 from pipeline.output.manifest import build_manifest, check_accounting, write_manifest
 from pipeline.output.shard_writer import ShardWriter, scores_by_key, stored_kept_images
 from pipeline.spec.config import JobSpec
@@ -71,9 +75,12 @@ def run_job(
     log: Log = print,
     stage_type: type[CapFiltStage] = CapFiltStage,
     overwrite: bool = False,
+    console: Console | None = None,
 ) -> JobResult:
     """Run (or resume) a job to the end and write its manifest. (`stage_type` is the seam where the
-    fault tests put a stage that fails on purpose.)
+    fault tests put a stage that fails on purpose.) With a `console` (the CLI's), capfilt's lines
+    and a live progress display go to it, and the rest of what the run prints to a log file under
+    the output; without one, every line goes to `log`.
 
     Before anything is written: the URL list's columns and the model directories are checked, and
     the output is claimed (`output_guard`): refused when it holds what is not capfilt's, emptied
@@ -86,50 +93,87 @@ def run_job(
     check_itm_tokenizer(spec)  # [ENC] present, when the filter reads it
     reads = [("input.url_list", spec.input.url_list), ("captioner.model", spec.captioner.model),
              ("filter.model", spec.filter.model)]  # fmt: skip
-    with claim_output(layout.root, overwrite, log=log, reads=reads):
-        return _run_claimed(spec, layout, address, log, stage_type, preprocess)
+    say = console.say if console else log
+    with claim_output(layout.root, overwrite, log=say, reads=reads):
+        voice = _Voice(say, print if console else log, console)
+        return _run_claimed(spec, layout, address, voice, stage_type, preprocess)
 
 
-def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, log: Log,
+@dataclass(frozen=True)
+class _Voice:
+    """Where the runner's lines go: `say` what a person watching needs (the console), `detail` what
+    explains a run afterwards (with a console, the log file; `--verbose` shows both)."""
+
+    say: Log
+    detail: Log
+    console: Console | None
+
+    def captured(self, layout: OutputLayout, fingerprint: str) -> contextlib.AbstractContextManager[None]:
+        if self.console is None:
+            return contextlib.nullcontext()
+        if layout.root.local:
+            return self.console.capture(Path(layout.logs / "capfilt.log"))
+        return self.console.capture(Path(tempfile.gettempdir()) / f"capfilt-{fingerprint[:16]}.log")
+
+    def show(self, progress: JobProgress) -> None:
+        if self.console is not None:
+            self.console.show(progress)
+
+    def finish(self, progress: JobProgress) -> None:
+        if self.console is not None:
+            self.console.finish(progress)
+
+
+def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, voice: _Voice,
                  stage_type: type[CapFiltStage], preprocess: PreprocessStage) -> JobResult:  # fmt: skip
     layout.root.mkdir()
     fingerprint = spec.fingerprint()
-    with ray_session(address):
-        downloaded = set(layout.downloaded_shards())  # one listing of downloads/ (on S3: requests)
-        preparation = ListPreparation(
-            spec.input,
-            NetworkPolicy.of(spec.download),
-            PreparedList(layout.prepared_input),
-            spec.output.shard_size,
-            spec.download_fingerprint(),
-            downloaded=bool(downloaded),
-            settings=spec.download_settings(),
-        )
+    downloaded = set(layout.downloaded_shards())  # one listing of downloads/ (on S3: requests)
+    preparation = ListPreparation(  # before Ray starts: a changed setting is refused in a second
+        spec.input,
+        NetworkPolicy.of(spec.download),
+        PreparedList(layout.prepared_input),
+        spec.output.shard_size,
+        spec.download_fingerprint(),
+        downloaded=bool(downloaded),
+        settings=spec.download_settings(),
+    )
+    with voice.captured(layout, fingerprint), ray_session(address):
         rows = preparation.rows
         names = [shard_name(i) for i in range(math.ceil(rows / spec.output.shard_size))]
-        # Written now, so that `capfilt inspect` can follow a job that is running or died half way.
         reports = layout.finished_reports(names, fingerprint)
-        write_manifest(layout, build_manifest(spec, rows, names, reports, {}))
+        outcome = _Outcome()
+        progress = JobProgress(len(names), len(reports), rows)
+
+        def manifest(running: bool = True) -> dict[str, Any]:
+            done = {**reports, **outcome.reports.copy()}  # copies: the ticker thread reads them too
+            actors = list(outcome.actors.values())
+            timings, figures = outcome.timings.as_dict(), progress.figures(running)
+            errors = outcome.errors.copy()
+            return build_manifest(
+                spec, rows, names, done, errors, actors=actors, timings=timings, progress=figures
+            )
+
+        # Written now, so that `capfilt inspect` can follow a job that is running or died half way.
+        write_manifest(layout, manifest())
         pending = [n for n in names if n not in reports]
         on_disk = sum(n in downloaded for n in pending)
-        log(
+        voice.say(
             f"capfilt: {rows} input rows in {len(names)} shards: {len(reports)} already done, "
             f"{len(pending)} to caption and filter ({on_disk} of them downloaded already)"
         )
-        outcome = _Outcome()
+        watch = _Watch(progress, voice, lambda: write_manifest(layout, manifest()))
         with _preparing(preparation, outcome) as prepare_failed:
             if pending:
-                _stream(spec, layout, pending, sorted(reports), log, stage_type, preprocess, outcome)
-                reports.update(outcome.reports)
-        log(outcome.timings.summary())
-    actors = list(outcome.actors.values())
-    timings = outcome.timings.as_dict()
-    manifest = build_manifest(spec, rows, names, reports, outcome.errors, actors=actors, timings=timings)
-    write_manifest(layout, manifest)
+                _stream(spec, layout, pending, sorted(reports), voice, stage_type, preprocess, outcome, watch)
+        voice.finish(progress)
+        voice.detail(outcome.timings.summary())
+    final = manifest(running=False)
+    write_manifest(layout, final)
     if prepare_failed:
         raise prepare_failed[0]  # the shards it held back are failed in the manifest
-    check_accounting(manifest)
-    return JobResult(manifest, layout)
+    check_accounting(final)
+    return JobResult(final, layout)
 
 
 @contextlib.contextmanager
@@ -195,28 +239,30 @@ def _stream(
     layout: OutputLayout,
     shards: list[str],
     done: list[str],
-    log: Log,
+    voice: _Voice,
     stage_type: type[CapFiltStage],
     preprocess: PreprocessStage,
     outcome: _Outcome,
+    watch: _Watch,
 ) -> None:
     """Download, caption/filter and write `shards` as one stream (see the module's docstring), into
-    `outcome`. The kept images of the shards `done` before are the originals dedup starts from."""
+    `outcome`, told to `watch` as it goes. The kept images of the shards `done` before are the
+    originals dedup starts from."""
     import ray
 
     # One clock for the whole phase: the moments in it come from other processes (`time.time()` of
     # the tasks), and a monotonic clock beside them disagrees by as much as the wall clock is stepped
     # (5 s once, in CI: the first commit came "after" the phase's end).
     started_at = time.time()
-    stage = stage_type(spec.captioner, spec.filter, _actor_resources(spec, log))
+    stage = stage_type(spec.captioner, spec.filter, _actor_resources(spec, voice.say))
     actors = spec.resources.actors or _actors_for(stage.resources)
     plan = _StreamPlan.of(spec, actors, stage.resources)
     each = f"{stage.resources.gpus} GPU and {stage.resources.cpus} CPU each"
-    log(f"capfilt: {actors} CapFilt actor(s), {each}; {plan.describe()}")
+    voice.detail(f"capfilt: {actors} CapFilt actor(s), {each}; {plan.describe()}")
     slots = _Slots.on_this_node(plan.in_flight, shards)
     writer = ShardWriter.of(spec, layout, embedding_size(spec))
     write = ray.remote(num_cpus=writer.resources.cpus)(_write_shard)
-    writes: dict[str, Any] = {}
+    writes = _Writes(outcome, watch.progress, started_at)
     index = DuplicateIndex(spec.filter.dedup, writer.embedding_size)
     if index.active:
         for name in done:
@@ -246,11 +292,12 @@ def _stream(
 
     def commit(decided: list[tuple[str, list[Chunk], dict[str, str]]]) -> None:
         for name, chunks, duplicates in decided:
-            writes[name] = write.remote(writer, name, chunks, duplicates, slots, keep)
+            writes.add(name, write.remote(writer, name, chunks, duplicates, slots, keep))
 
     def fail(name: str, reason: str) -> None:
         outcome.errors[name] = reason
-        log(f"capfilt: shard {name} failed: {reason}")
+        watch.progress.failed()
+        voice.say(f"capfilt: shard {name} failed: {reason}")
         arrived.pop(name, None)
         slots.release.remote(name)
         commit(in_order.failed(name))
@@ -259,46 +306,132 @@ def _stream(
         complete.add(name)
         commit(in_order.arrived(name, writer.kept_images(scores_by_key(chunks)), chunks))
 
-    stream_error = ""
-    try:
-        for row in ds.iter_rows():
-            chunk, name = dict(row), row["shard"]
-            if name in outcome.errors or name in complete or chunk["chunk"] in arrived[name]:
-                continue
-            outcome.timings.add_download(chunk, chunk["downloaded_at"] - started_at)
-            if chunk["download_error"]:
-                fail(name, chunk["download_error"])
-                continue
-            if chunk["chunks"] == 0:  # nothing downloaded to score: the shard is all other fates
-                finish(name, [])
-                continue
-            outcome.count(chunk)
-            if chunk["error"]:
-                fail(name, f"caption/filter failed: {chunk['error']}")
-                continue
-            outcome.timings.add_chunk(chunk, chunk["ready_at"] - started_at)
-            arrived[name][chunk["chunk"]] = chunk
-            if len(arrived[name]) == chunk["chunks"]:
-                finish(name, list(arrived.pop(name).values()))
-    except Exception as err:  # the stream failed: committed shards stay, the rest are reported
-        stream_error = f"caption/filter stage failed: {one_line(err)}"
-        log(f"capfilt: {stream_error}")
-    unfinished = [name for name in shards if name not in complete and name not in outcome.errors]
-    reason = stream_error or "the stream ended before all of the shard's chunks arrived"
-    if unfinished and not stream_error:
-        log(f"capfilt: {len(unfinished)} shard(s) failed: {reason}")
-    for name in unfinished:  # in input order: a complete shard waiting for one of them is then written
-        outcome.errors[name] = reason
-        commit(in_order.failed(name))
-    for name, ref in writes.items():
+    def shard_rows(name: str) -> int:
+        size = spec.output.shard_size
+        return min(size, watch.progress.input_rows - int(name) * size)
+
+    with watch.ticking(writes.collect):
+        stream_error = ""
         try:
-            outcome.reports[name], seconds, committed_at = ray.get(ref)
-            outcome.timings.add_commit(seconds, committed_at - started_at)
-        except Exception as err:
-            outcome.errors[name] = f"writing the shard failed: {one_line(err)}"
+            for row in ds.iter_rows():
+                chunk, name = dict(row), row["shard"]
+                if name in outcome.errors or name in complete or chunk["chunk"] in arrived[name]:
+                    continue
+                outcome.timings.add_download(chunk, chunk["downloaded_at"] - started_at)
+                if chunk["download_error"]:
+                    fail(name, chunk["download_error"])
+                    continue
+                if chunk["chunk"] == 0:
+                    watch.progress.downloaded(shard_rows(name))
+                if chunk["chunks"] == 0:  # nothing downloaded to score: the shard is all other fates
+                    finish(name, [])
+                    continue
+                outcome.count(chunk)
+                if chunk["error"]:
+                    fail(name, f"caption/filter failed: {chunk['error']}")
+                    continue
+                outcome.timings.add_chunk(chunk, chunk["ready_at"] - started_at)
+                watch.progress.scored(sum(1 for err in chunk["decode_errors"] if not err))
+                arrived[name][chunk["chunk"]] = chunk
+                if len(arrived[name]) == chunk["chunks"]:
+                    finish(name, list(arrived.pop(name).values()))
+        except Exception as err:  # the stream failed: committed shards stay, the rest are reported
+            stream_error = f"caption/filter stage failed: {one_line(err)}"
+            voice.say(f"capfilt: {stream_error}")
+        unfinished = [name for name in shards if name not in complete and name not in outcome.errors]
+        reason = stream_error or "the stream ended before all of the shard's chunks arrived"
+        if unfinished and not stream_error:
+            voice.say(f"capfilt: {len(unfinished)} shard(s) failed: {reason}")
+        for name in unfinished:  # in input order: a complete shard waiting for one of them is then written
+            outcome.errors[name] = reason
+            watch.progress.failed()
+            commit(in_order.failed(name))
+        writes.collect_all()
     outcome.timings.shards_in_flight = {"limit": plan.in_flight, "peak": ray.get(slots.peak.remote())}
     (layout.downloads / "_tmp").rmtree()  # the downloads' staged inputs, as img2dataset leaves it
     outcome.timings.caption_filter_s = time.time() - started_at
+
+
+class _Writes:
+    """The shards' write tasks, collected as they finish, into the outcome and the progress. Both the
+    stream's loop and the ticker collect (hence the lock): a commit shows while the loop waits."""
+
+    def __init__(self, outcome: _Outcome, progress: JobProgress, started_at: float) -> None:
+        self._outcome, self._progress, self._started_at = outcome, progress, started_at
+        self._pending: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def add(self, shard: str, ref: Any) -> None:
+        with self._lock:
+            self._pending[shard] = ref
+
+    def collect(self, timeout: float = 0.0) -> None:
+        """The writes finished by now (or within `timeout` seconds)."""
+        import ray
+
+        with self._lock:
+            if not self._pending:
+                return
+            refs = list(self._pending.values())
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+            for shard, ref in list(self._pending.items()):
+                if ref in ready:
+                    del self._pending[shard]
+                    self._collected(shard, ref)
+
+    def collect_all(self) -> None:
+        while self._pending:
+            self.collect(timeout=1.0)
+
+    def _collected(self, shard: str, ref: Any) -> None:
+        import ray
+
+        try:
+            report, seconds, committed_at = ray.get(ref)
+        except Exception as err:
+            self._outcome.errors[shard] = f"writing the shard failed: {one_line(err)}"
+            self._progress.failed()
+            return
+        self._outcome.reports[shard] = report
+        self._outcome.timings.add_commit(seconds, committed_at - self._started_at)
+        self._progress.committed(report)
+
+
+class _Watch:
+    """The running job as seen from outside: the console's progress display, redrawn each second,
+    and the manifest with its `progress`, rewritten every `MANIFEST_EVERY_S` (what `capfilt status`
+    and `capfilt inspect` read while the job runs)."""
+
+    MANIFEST_EVERY_S = 10.0
+
+    def __init__(self, progress: JobProgress, voice: _Voice, write_manifest: Callable[[], None]) -> None:
+        self.progress, self._voice, self._write_manifest = progress, voice, write_manifest
+        self._written = time.monotonic()
+
+    @contextlib.contextmanager
+    def ticking(self, *also: Callable[[], None]) -> Iterator[None]:
+        """For the block, a driver thread ticks each second: `also`, then the display and manifest."""
+        stop = threading.Event()
+
+        def tick() -> None:
+            while not stop.wait(1.0):
+                try:
+                    for action in also:
+                        action()
+                    self._voice.show(self.progress)
+                    if time.monotonic() - self._written >= self.MANIFEST_EVERY_S:
+                        self._written = time.monotonic()
+                        self._write_manifest()
+                except Exception as err:  # a full disk, a lost object store: the stream says why
+                    self._voice.detail(f"capfilt: progress not updated: {one_line(err)}")
+
+        thread = threading.Thread(target=tick, name="capfilt-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
 
 @dataclass(frozen=True)

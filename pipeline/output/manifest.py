@@ -43,6 +43,7 @@ def build_manifest(
     actors: list[dict[str, Any]] | tuple[()] = (),
     timings: dict[str, Any] | None = None,
     duplicate_urls: int | None = None,
+    progress: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest. `duplicate_urls`, when not given, is read from the prepared input list under
     `spec.output.path` (null when there is none there)."""
@@ -75,6 +76,9 @@ def build_manifest(
         "actors": list(actors),
         # Where that run's time went (`pipeline.core.timings`); empty for a manifest no run wrote.
         "timings": timings or {},
+        # How far the run that wrote this manifest got (`pipeline.job.progress`), rewritten while it
+        # runs; empty for a manifest no run wrote.
+        "progress": progress or {},
     }
 
 

@@ -55,6 +55,11 @@ class OutputLayout:
         return self.root / "shards"
 
     @property
+    def logs(self) -> Location:
+        """What a run's process printed besides capfilt's console (`job.console`): Ray, img2dataset."""
+        return self.root / "logs"
+
+    @property
     def manifest(self) -> Location:
         return self.root / "manifest.json"
 

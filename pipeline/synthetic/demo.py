@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.storage import read_parquet
+from pipeline.job.console import Console
 from pipeline.job.runner import JobResult
 from pipeline.synthetic.sample_web import hostile_pairs
 from pipeline.synthetic.splits import web_split
@@ -18,10 +19,13 @@ from pipeline.synthetic.trained import export_trained_models
 from pipeline.synthetic.web_job import run_web_job
 
 
-def run_demo(out: Path, rows: int, address: str | None = None, seed: int = 0) -> JobResult:
+def run_demo(
+    out: Path, rows: int, address: str | None = None, seed: int = 0, console: Console | None = None
+) -> JobResult:
     """Run the demo into `out`: OUT/models, OUT/urls.parquet, OUT/output (shards and manifest)."""
     models = export_trained_models(out / "models")
-    return run_web_job(out, web_split(rows, seed), models, extra=hostile_pairs(seed), address=address)
+    pairs, hostile = web_split(rows, seed), hostile_pairs(seed)
+    return run_web_job(out, pairs, models, extra=hostile, address=address, console=console)
 
 
 def examples(result: JobResult, n: int = 3) -> str:

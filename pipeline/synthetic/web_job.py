@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.curate.tiny_models import TinyModelPaths
+from pipeline.job.console import Console
 from pipeline.job.runner import JobResult, run_job
 from pipeline.spec.bundled import bundled_path
 from pipeline.spec.config import load_spec
@@ -44,6 +45,7 @@ def run_web_job(
     overrides: Sequence[str] = (),
     address: str | None = None,
     log: Callable[[str], None] = print,
+    console: Console | None = None,
 ) -> JobResult:
     """Serve `pairs` (and `extra`, e.g. hostile cases) and run the local job over them into out/output.
 
@@ -66,4 +68,4 @@ def run_web_job(
                 *overrides,
             ],
         )
-        return run_job(spec, address=address, log=log, overwrite=True)
+        return run_job(spec, address=address, log=log, overwrite=True, console=console)

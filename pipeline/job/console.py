@@ -1,0 +1,123 @@
+"""What a person running `capfilt run` sees: capfilt's own lines, one live progress display, the
+summary. Everything else the run's process prints goes to a log file under the output.
+
+Ray prints from Python loggers, from its C++ core straight to file descriptor 2, and forwards every
+worker's stdout and stderr (img2dataset's progress, transformers' weight-loading bars) to the
+driver's. No logger setting catches all of that, so for the run the process's descriptors 1 and 2
+point at the log file, and the console writes to copies of the terminal's descriptors made before.
+`--verbose` leaves the descriptors alone: the console then shows everything, as before.
+
+On a terminal the progress display is one tqdm line that redraws itself (each second, from the
+runner's ticker); elsewhere (a pipe, `capfilt logs` of a cluster job) it is a plain line every
+`PLAIN_EVERY_S` seconds, so a log of a day-long job stays readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from pipeline.job.progress import JobProgress
+
+PLAIN_EVERY_S = 30.0
+
+
+class Console:
+    """capfilt's console for one command. `say` is the runner's log; `capture` hides the rest."""
+
+    def __init__(self, verbose: bool = False, stream: IO[str] | None = None) -> None:
+        self.verbose = verbose
+        self._stream = stream  # None: the process's stderr, as it is when a line is written
+        self._bar: Any = None
+        self._last_plain = -PLAIN_EVERY_S
+        self.log_file: Path | None = None
+
+    @property
+    def stream(self) -> IO[str]:
+        return self._stream or sys.stderr
+
+    def say(self, line: str) -> None:
+        """One of capfilt's own lines, above the progress display."""
+        if self._bar is not None:
+            self._bar.clear()
+        print(line, file=self.stream, flush=True)
+        if self._bar is not None:
+            self._bar.refresh()
+
+    @contextlib.contextmanager
+    def capture(self, log_file: Path) -> Iterator[None]:
+        """For the block, the process's stdout and stderr (Ray's, its workers', the libraries') go
+        to `log_file` (appended), unless verbose; the console keeps writing to the terminal."""
+        if self.verbose:
+            yield
+            return
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = {fd: os.dup(fd) for fd in (1, 2)}
+        outer = self._stream
+        self._stream = os.fdopen(os.dup(saved[2]), "w", buffering=1)
+        try:
+            with open(log_file, "a", buffering=1) as log:
+                log.write(f"==== capfilt run, {time.strftime('%Y-%m-%d %H:%M:%S %z')} ====\n")
+                for fd in (1, 2):
+                    os.dup2(log.fileno(), fd)
+                self.log_file = log_file
+                self.say(f"capfilt: Ray's and the libraries' output: {log_file} (--verbose shows it here)")
+                # Python's own streams too, where something (pytest, a notebook) replaced them
+                streams = sys.stdout, sys.stderr
+                sys.stdout = sys.stderr = log
+                try:
+                    yield
+                finally:
+                    sys.stdout, sys.stderr = streams
+                    log.flush()
+                    for fd, copy in saved.items():
+                        os.dup2(copy, fd)
+        finally:
+            for copy in saved.values():
+                os.close(copy)
+            self._stream.close()
+            self._stream = outer
+
+    def show(self, progress: JobProgress) -> None:
+        """Redraw the progress display (the runner calls this about once a second)."""
+        if _redrawable(self.stream):
+            self._draw(progress, progress.line())
+        elif time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
+            self._last_plain = time.monotonic()
+            print(f"capfilt: {progress.line()}", file=self.stream, flush=True)
+
+    def finish(self, progress: JobProgress) -> None:
+        """The display's last state, left on the console above the summary."""
+        line = progress.line(running=False)
+        if self._bar is None:
+            print(f"capfilt: {line}", file=self.stream, flush=True)
+            return
+        self._draw(progress, line)
+        self._bar.close()
+        self._bar = None
+
+    def _draw(self, progress: JobProgress, line: str) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(
+                total=progress.shards, file=self.stream, bar_format="{bar:20} {desc}", dynamic_ncols=True
+            )
+        self._bar.n = progress.figures()["shards"]["committed"]
+        self._bar.set_description_str(line, refresh=True)
+
+
+def _redrawable(stream: IO[str]) -> bool:
+    """A terminal with a width: a line there can be redrawn in place (a pseudo-terminal with no
+    size, as some CI runners give, would show an empty line)."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):
+        return False
