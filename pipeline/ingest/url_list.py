@@ -152,37 +152,13 @@ class ListPreparation:
         self._parts, self._fmt = _list_files(spec)  # one listing for the identity and the reading
         self.identity = f"{fingerprint}:{_source_identity(self._parts)}"
         self._stop = threading.Event()
-        record = out.read_record()
-        if record is not None and record["identity"] == self.identity:
+        record = _this_lists_record(spec, out, self.identity, downloaded, self.settings)
+        if record is not None:
             self.rows, self.done = int(record["rows"]), True
             return
-        found = record["identity"] if record is not None else out.shard_identity()
-        if found not in (None, self.identity) and downloaded:
-            made = self._what_changed(record)
-            raise SpecError(
-                f"output.path: {out.root.parent} holds downloads made {made}; use a new output.path (or "
-                "delete its downloads/ and _input/), or set it back"
-            )
         self.rows, self.done = self._count(), False
         # What an earlier run left (half a list, its failure) goes now, before any download looks.
         out.root.rmtree()
-
-    def _what_changed(self, record: dict[str, Any] | None) -> str:
-        """How the downloads' settings differ from this job's: each setting that changed with both
-        values, or the list's files; generic for a list recorded before settings were."""
-        before = (record or {}).get("settings")
-        if not before or not self.settings:
-            return "from another URL list or other input or download settings"
-        old, new = _flat(before), _flat(self.settings)
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        changed = [
-            f"{k} was {printable(repr(old.get(k)))}, is {printable(repr(new.get(k)))} now" for k in keys
-        ]
-        if changed:
-            return "with other settings: " + "; ".join(changed)
-        return (
-            f"from other files of input.url_list ({printable(self.spec.url_list)}: names, sizes or versions)"
-        )
 
     def _count(self) -> int:
         """The list's rows, every part's columns checked on the way."""
@@ -266,6 +242,47 @@ def _prepared(
         *batch.columns[2:],
     ]
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def refuse_other_downloads(
+    spec: InputSpec, out: PreparedList, fingerprint: str, downloaded: bool, settings: Mapping[str, Any]
+) -> None:
+    """`ListPreparation`'s refusal alone, read-only and without counting the list: a run makes it
+    before it loads the models, so a changed setting is named in a second, not after them."""
+    identity = f"{fingerprint}:{_source_identity(_list_files(spec)[0])}"
+    _this_lists_record(spec, out, identity, downloaded, dict(settings))
+
+
+def _this_lists_record(
+    spec: InputSpec, out: PreparedList, identity: str, downloaded: bool, settings: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The prepared list's record when it was prepared as this job prepares it, else None; refused
+    when another preparation's downloads are there."""
+    record = out.read_record()
+    if record is not None and record["identity"] == identity:
+        return record
+    found = record["identity"] if record is not None else out.shard_identity()
+    if found not in (None, identity) and downloaded:
+        made = _what_changed(spec, record, settings)
+        raise SpecError(
+            f"output.path: {out.root.parent} holds downloads made {made}; use a new output.path (or "
+            "delete its downloads/ and _input/), or set it back"
+        )
+    return None
+
+
+def _what_changed(spec: InputSpec, record: dict[str, Any] | None, settings: dict[str, Any]) -> str:
+    """How the downloads' settings differ from this job's: each setting that changed with both
+    values, or the list's files; generic for a list recorded before settings were."""
+    before = (record or {}).get("settings")
+    if not before or not settings:
+        return "from another URL list or other input or download settings"
+    old, new = _flat(before), _flat(settings)
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = [f"{k} was {printable(repr(old.get(k)))}, is {printable(repr(new.get(k)))} now" for k in keys]
+    if changed:
+        return "with other settings: " + "; ".join(changed)
+    return f"from other files of input.url_list ({printable(spec.url_list)}: names, sizes or versions)"
 
 
 def _source_identity(parts: list[Location]) -> str:

@@ -45,7 +45,7 @@ from pipeline.curate.model_check import check_itm_tokenizer, check_models, embed
 from pipeline.curate.preprocess import PreprocessStage
 from pipeline.ingest.download import ShardDownload
 from pipeline.ingest.prepared_list import PreparedList, PrepareFailed
-from pipeline.ingest.url_list import ListPreparation, check_columns
+from pipeline.ingest.url_list import ListPreparation, check_columns, refuse_other_downloads
 from pipeline.ingest.urlpolicy import NetworkPolicy
 from pipeline.job.console import Console
 from pipeline.job.output_guard import claim_output
@@ -89,6 +89,12 @@ def run_job(
     layout = OutputLayout(spec.output.path)
     check_columns(spec.input)
     check_models(spec)
+    # Before the models' processors load (seconds): downloads made with other settings are refused now.
+    downloaded = bool(layout.downloaded_shards())
+    settings = spec.download_settings()
+    refuse_other_downloads(
+        spec.input, PreparedList(layout.prepared_input), spec.download_fingerprint(), downloaded, settings
+    )
     preprocess = PreprocessStage.for_model(spec.captioner.model)  # a hub name resolves, or fails now
     check_itm_tokenizer(spec)  # [ENC] present, when the filter reads it
     reads = [("input.url_list", spec.input.url_list), ("captioner.model", spec.captioner.model),
@@ -129,7 +135,7 @@ def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, voice
     layout.root.mkdir()
     fingerprint = spec.fingerprint()
     downloaded = set(layout.downloaded_shards())  # one listing of downloads/ (on S3: requests)
-    preparation = ListPreparation(  # before Ray starts: a changed setting is refused in a second
+    preparation = ListPreparation(  # under the output's lock: it may clear an earlier run's half list
         spec.input,
         NetworkPolicy.of(spec.download),
         PreparedList(layout.prepared_input),
