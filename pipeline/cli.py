@@ -175,11 +175,13 @@ def _rethreshold(args: argparse.Namespace) -> int:
 
 
 def _retry_failed(args: argparse.Namespace) -> int:
+    from pipeline.job.console import Console
     from pipeline.job.retry import retry_failed
     from pipeline.output.job_output import JobOutput
     from pipeline.output.summary import format_summary
 
-    result = retry_failed(JobOutput.open(args.out_dir), address=args.address or os.environ.get("RAY_ADDRESS"))
+    address, console = args.address or os.environ.get("RAY_ADDRESS"), Console(verbose=args.verbose)
+    result = retry_failed(JobOutput.open(args.out_dir), address=address, console=console)
     if result.retried:
         now = ", ".join(f"{n} {fate}" for fate, n in result.fates.items() if n)
         print(f"retried {result.retried} rows whose download had failed: now {now}")
@@ -351,6 +353,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     retry.add_argument("out_dir", help="the job's output.path (updated in place)")
     retry.add_argument("--address", help="Ray address of a running cluster")
+    retry.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     retry.set_defaults(handler=_retry_failed)
 
     tiny = _command(commands, "tiny-models", help="write tiny BLIP captioner and ITM checkpoints")

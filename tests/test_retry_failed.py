@@ -55,6 +55,8 @@ def test_rows_that_failed_and_work_now_are_folded_in(tmp_path, web, tiny_models,
     assert main(["retry-failed", str(layout.root)]) == 0
     out = capsys.readouterr().out
     assert "retried 4 rows whose download had failed: now" in out and "1 download_failed" in out
+    # What the retry job printed is kept in OUT's log, not lost with the retry's working directory
+    assert "CapFilt actor(s)" in (layout.root / "logs" / "capfilt.log").read_text()
 
     after = {r["key"]: r for r in read_records(layout)}
     assert sorted(after) == sorted(before)  # the same keys, each once

@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from pipeline.job.progress import JobProgress
+from pipeline.spec.layout import OutputLayout
 
 PLAIN_EVERY_S = 30.0
 
@@ -53,7 +55,7 @@ class Console:
     def capture(self, log_file: Path) -> Iterator[None]:
         """For the block, the process's stdout and stderr (Ray's, its workers', the libraries') go
         to `log_file` (appended), unless verbose; the console keeps writing to the terminal."""
-        if self.verbose:
+        if self.verbose or self.log_file is not None:  # a run inside a captured command: its log
             yield
             return
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,7 @@ class Console:
             for copy in saved.values():
                 os.close(copy)
             self._stream.close()
-            self._stream = outer
+            self._stream, self.log_file = outer, None
 
     def show(self, progress: JobProgress) -> None:
         """Redraw the progress display (the runner calls this about once a second)."""
@@ -112,6 +114,15 @@ class Console:
             )
         self._bar.n = progress.figures()["shards"]["committed"]
         self._bar.set_description_str(line, refresh=True)
+
+
+def run_log(layout: OutputLayout, fingerprint: str) -> Path:
+    """Where a run's captured output goes: OUTPUT/logs/capfilt.log, or for an output in an object
+    store (where a file cannot be appended to) a file of the job's in this machine's temporary
+    directory, named in the console's first line."""
+    if layout.root.local:
+        return Path(layout.logs / "capfilt.log")
+    return Path(tempfile.gettempdir()) / f"capfilt-{fingerprint[:16]}.log"
 
 
 def _redrawable(stream: IO[str]) -> bool:

@@ -29,6 +29,7 @@ import io
 import json
 import tarfile
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ import pyarrow.parquet as pq
 from pipeline.core.storage import Location, read_parquet
 from pipeline.core.tars import read_jpegs
 from pipeline.curate.dedup import DuplicateIndex
+from pipeline.job.console import Console, run_log
 from pipeline.job.output_guard import lock_output
 from pipeline.job.runner import JobResult, run_job
 from pipeline.output.job_output import JobOutput, OutputError
@@ -67,10 +69,13 @@ class RetryResult:
     fates: dict[str, int]  # what the retried rows ended as
 
 
-def retry_failed(output: JobOutput, address: str | None = None, log: Log = print) -> RetryResult:
+def retry_failed(
+    output: JobOutput, address: str | None = None, log: Log = print, console: Console | None = None
+) -> RetryResult:
     """Retry OUT's failed downloads and fold them in, holding OUT's lock (`output_guard`) throughout:
     a `capfilt run` or another retry writing OUT at the same time is refused, and this one waits for
-    neither."""
+    neither. With a `console`, the retry job runs as `capfilt run` does, its log in OUT's."""
+    log = console.say if console else log
     with lock_output(output.layout.root, log=log):
         shards = output.require_complete("retry its failed downloads")
         output.require_current_schema("retry-failed")
@@ -90,7 +95,12 @@ def retry_failed(output: JobOutput, address: str | None = None, log: Log = print
         fates = count_fates([])
         if retried:
             log(f"capfilt: retrying {retried} rows whose download failed")
-            results = _RetryJob(_run_retry_job(output, spec, work, address, log), spec.output.shard_size)
+            captured = (
+                console.capture(run_log(output.layout, spec.fingerprint())) if console else nullcontext()
+            )
+            with captured:
+                job = _run_retry_job(output, spec, work, address, log, console)
+            results = _RetryJob(job, spec.output.shard_size)
             writer = ShardWriter.of(spec, output.layout, output.embedding_size())
             index = _kept_so_far(output, shards)
             start = 0
@@ -152,7 +162,7 @@ def _write_failed_list(output: JobOutput, shards: list[str], path: Location) -> 
 
 
 def _run_retry_job(
-    output: JobOutput, spec: JobSpec, work: Location, address: str | None, log: Log
+    output: JobOutput, spec: JobSpec, work: Location, address: str | None, log: Log, console: Console | None
 ) -> JobResult:
     retry_spec = dataclasses.replace(
         spec,
@@ -166,7 +176,7 @@ def _run_retry_job(
         # Kept: the retried rows' images are patched from its raw shards into OUT's.
         output=OutputSpec(path=(work / "output").uri, shard_size=spec.output.shard_size, keep_downloads=True),
     )
-    result = run_job(retry_spec, address=address, log=log)
+    result = run_job(retry_spec, address=address, log=log, console=console)
     if not result.complete:
         raise OutputError(
             f"{output.layout.root}: the retry job did not complete (see {result.layout.manifest}); "

@@ -25,13 +25,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import tempfile
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipeline.core.messages import one_line
@@ -47,7 +45,7 @@ from pipeline.ingest.download import ShardDownload
 from pipeline.ingest.prepared_list import PreparedList, PrepareFailed
 from pipeline.ingest.url_list import ListPreparation, check_columns, refuse_other_downloads
 from pipeline.ingest.urlpolicy import NetworkPolicy
-from pipeline.job.console import Console
+from pipeline.job.console import Console, run_log
 from pipeline.job.output_guard import claim_output
 from pipeline.job.progress import JobProgress
 from pipeline.output.manifest import build_manifest, check_accounting, write_manifest
@@ -117,9 +115,7 @@ class _Voice:
     def captured(self, layout: OutputLayout, fingerprint: str) -> contextlib.AbstractContextManager[None]:
         if self.console is None:
             return contextlib.nullcontext()
-        if layout.root.local:
-            return self.console.capture(Path(layout.logs / "capfilt.log"))
-        return self.console.capture(Path(tempfile.gettempdir()) / f"capfilt-{fingerprint[:16]}.log")
+        return self.console.capture(run_log(layout, fingerprint))
 
     def show(self, progress: JobProgress) -> None:
         if self.console is not None:
