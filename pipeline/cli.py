@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.job.cluster_jobs import ClusterError
+from pipeline.job.console import INTERRUPTED, Interrupt
 from pipeline.output.job_output import OutputError
 from pipeline.spec.config import SpecError, load_spec
 
@@ -32,14 +33,16 @@ OVERWRITE_HELP = (
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except (SpecError, OutputError, ClusterError) as err:
-        print(f"capfilt: error: {err}", file=sys.stderr)
-        return USAGE_ERROR
-    except KeyboardInterrupt:
-        print("capfilt: interrupted; finished shards are kept, run again to resume", file=sys.stderr)
-        return 130
+    with Interrupt() as interrupt:
+        try:
+            return args.handler(args)
+        except (SpecError, OutputError, ClusterError) as err:
+            print(f"capfilt: error: {err}", file=sys.stderr)
+            return USAGE_ERROR
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr, flush=True)
+            interrupt.said = True
+            return 130
 
 
 def _run(args: argparse.Namespace) -> int:

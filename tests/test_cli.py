@@ -102,7 +102,10 @@ def test_ctrl_c_during_the_download_exits_130_and_says_so(tmp_path, web, tiny_mo
         time.sleep(0.2)
     assert site.hits("/stall/forever.jpg") == 1, "the download never started"
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()  # a run that did not stop must not starve the tests after this one
     assert process.returncode == 130, stderr[-3000:]
     assert "interrupted; finished shards are kept" in stderr
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from pipeline.job import console as console_module
 from pipeline.job.console import Console
@@ -112,3 +114,29 @@ def test_without_a_terminal_progress_is_a_plain_line_now_and_then_and_the_last_o
         "capfilt: shards 2/2 committed",
     ]
     assert "ETA" in lines[1] and "ETA" not in lines[2]
+
+
+SWALLOWS_CTRL_C = """
+import sys, time
+from pipeline.job.console import Interrupt
+with Interrupt(grace_s=1.0):
+    print("ready", flush=True)
+    while True:  # a cleanup that catches the interrupt and blocks, as a hung library's once did
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            pass
+"""
+
+
+def test_ctrl_c_ends_the_process_even_when_something_swallows_it():
+    process = subprocess.Popen(
+        [sys.executable, "-c", SWALLOWS_CTRL_C], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline() == "ready\n"
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert stderr == "capfilt: interrupted; finished shards are kept, run again to resume\n"
+    assert time.monotonic() - started < 10

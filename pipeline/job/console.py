@@ -27,6 +27,8 @@ from pipeline.job.progress import JobProgress
 from pipeline.spec.layout import OutputLayout
 
 PLAIN_EVERY_S = 30.0
+INTERRUPTED = "capfilt: interrupted; finished shards are kept, run again to resume"
+INTERRUPT_GRACE_S = 20.0
 
 
 class Console:
@@ -114,6 +116,46 @@ class Console:
             )
         self._bar.n = progress.figures()["shards"]["committed"]
         self._bar.set_description_str(line, refresh=True)
+
+
+class Interrupt:
+    """Ctrl-C raises KeyboardInterrupt as it always does, and also starts a clock: if the process
+    is still there `grace_s` later (a library's cleanup blocked on a hung download once kept a run
+    alive for minutes after it), it leaves, exit 130, having said so on the terminal as it was
+    before any capture. `said` is set by whoever printed the message, so it is printed once."""
+
+    def __init__(self, grace_s: float = INTERRUPT_GRACE_S) -> None:
+        self.grace_s = grace_s
+        self.said = False
+        self._terminal = os.dup(2)
+
+    def __enter__(self) -> Interrupt:
+        import signal
+        import threading
+
+        def interrupted(signum: int, frame: Any) -> None:
+            timer = threading.Timer(self.grace_s, self._leave)
+            timer.daemon = True
+            timer.start()
+            raise KeyboardInterrupt
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, interrupted)
+        except ValueError:  # not the main thread (a test's): Python's own handling stays
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        os.close(self._terminal)
+
+    def _leave(self) -> None:
+        if not self.said:
+            os.write(self._terminal, (INTERRUPTED + "\n").encode())
+        os._exit(130)
 
 
 def run_log(layout: OutputLayout, fingerprint: str) -> Path:

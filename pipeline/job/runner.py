@@ -87,12 +87,8 @@ def run_job(
     layout = OutputLayout(spec.output.path)
     check_columns(spec.input)
     check_models(spec)
-    # Before the models' processors load (seconds): downloads made with other settings are refused now.
-    downloaded = bool(layout.downloaded_shards())
-    settings = spec.download_settings()
-    refuse_other_downloads(
-        spec.input, PreparedList(layout.prepared_input), spec.download_fingerprint(), downloaded, settings
-    )
+    if not overwrite:  # (under `overwrite` they are deleted instead, once the output is claimed)
+        _refuse_other_downloads(spec, layout)
     preprocess = PreprocessStage.for_model(spec.captioner.model)  # a hub name resolves, or fails now
     check_itm_tokenizer(spec)  # [ENC] present, when the filter reads it
     reads = [("input.url_list", spec.input.url_list), ("captioner.model", spec.captioner.model),
@@ -101,6 +97,14 @@ def run_job(
     with claim_output(layout.root, overwrite, log=say, reads=reads):
         voice = _Voice(say, print if console else log, console)
         return _run_claimed(spec, layout, address, voice, stage_type, preprocess)
+
+
+def _refuse_other_downloads(spec: JobSpec, layout: OutputLayout) -> None:
+    """Downloads made with other settings, refused before the models' processors load (seconds)
+    rather than after; `ListPreparation` checks again under the output's lock."""
+    downloaded = bool(layout.downloaded_shards())
+    fingerprint, settings = spec.download_fingerprint(), spec.download_settings()
+    refuse_other_downloads(spec.input, PreparedList(layout.prepared_input), fingerprint, downloaded, settings)
 
 
 @dataclass(frozen=True)
