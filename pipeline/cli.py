@@ -293,7 +293,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--overwrite", action="store_true", help=f"{OVERWRITE_HELP} (on the cluster)")
     submit.set_defaults(handler=_submit)
     for name, handler, about in (
-        ("status", _status, "a submitted job's status (exit 1 if it failed or was stopped)"),
+        ("status", _status, "a submitted job's status and progress (exit 1 if it failed or was stopped)"),
         ("logs", _logs, "a submitted job's log"),
         ("stop", _stop, "stop a submitted job (finished shards are kept)"),
     ):
