@@ -120,9 +120,9 @@ SWALLOWS_CTRL_C = """
 import sys, time
 from pipeline.job.console import Interrupt
 with Interrupt(grace_s=1.0):
-    print("ready", flush=True)
-    while True:  # a cleanup that catches the interrupt and blocks, as a hung library's once did
+    while True:  # something that catches the interrupt and goes on blocking
         try:
+            print("ready", flush=True)  # inside the try: the interrupt cannot arrive outside it
             time.sleep(60)
         except KeyboardInterrupt:
             pass

@@ -58,16 +58,19 @@ class RunTimings:
         self.busy_s["write"] += seconds
         self.first_commit_s = min(self.first_commit_s or since_start, since_start)
 
-    def add_chunk(self, chunk: dict[str, Any], since_start: float) -> None:
+    def add_chunk(self, chunk: dict[str, Any], since_start: float) -> int:
         """Count a scored chunk's images and its stages' seconds. `since_start`: seconds from the
         phase's start to the moment its actor was ready (`time.time()` of two processes, on one
         clock where they share a machine, NTP-close where they do not, hence never below 0).
-        Seconds spent on a failed attempt before a split or a retry are not counted."""
+        Seconds spent on a failed attempt before a split or a retry are not counted. Returns the
+        chunk's images."""
         since_start = max(0.0, since_start)
         self.startup_s = since_start if self.startup_s is None else min(self.startup_s, since_start)
-        self.images += sum(1 for err in chunk["decode_errors"] if not err)
+        images = sum(1 for err in chunk["decode_errors"] if not err)
+        self.images += images
         for stage in ("preprocess", "caption", "itm"):
             self.busy_s[stage] += float(chunk[f"{stage}_s"])
+        return images
 
     def steady_images_per_s(self) -> float:
         return steady_images_per_s(self.as_dict())

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.job.progress import JobProgress
+from pipeline.job.progress import JobProgress, progress_line
 from pipeline.spec.layout import OutputLayout
 
 PLAIN_EVERY_S = 30.0
@@ -92,37 +92,39 @@ class Console:
     def show(self, progress: JobProgress) -> None:
         """Redraw the progress display (the runner calls this about once a second)."""
         if _redrawable(self.stream):
-            self._draw(progress, progress.line())
+            self._draw(progress.figures())
         elif time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
             self._last_plain = time.monotonic()
             print(f"capfilt: {progress.line()}", file=self.stream, flush=True)
 
     def finish(self, progress: JobProgress) -> None:
         """The display's last state, left on the console above the summary."""
-        line = progress.line(running=False)
+        figures = progress.figures(running=False)
         if self._bar is None:
-            print(f"capfilt: {line}", file=self.stream, flush=True)
+            print(f"capfilt: {progress_line(figures)}", file=self.stream, flush=True)
             return
-        self._draw(progress, line)
+        self._draw(figures)
         self._bar.close()
         self._bar = None
 
-    def _draw(self, progress: JobProgress, line: str) -> None:
+    def _draw(self, figures: dict[str, Any]) -> None:
         from tqdm import tqdm
 
+        shards = figures["shards"]
         if self._bar is None:
             self._bar = tqdm(
-                total=progress.shards, file=self.stream, bar_format="{bar:20} {desc}", dynamic_ncols=True
+                total=shards["total"], file=self.stream, bar_format="{bar:20} {desc}", dynamic_ncols=True
             )
-        self._bar.n = progress.figures()["shards"]["committed"]
-        self._bar.set_description_str(line, refresh=True)
+        self._bar.n = shards["committed"]
+        self._bar.set_description_str(progress_line(figures), refresh=True)
 
 
 class Interrupt:
     """Ctrl-C raises KeyboardInterrupt as it always does, and also starts a clock: if the process
-    is still there `grace_s` later (a library's cleanup blocked on a hung download once kept a run
-    alive for minutes after it), it leaves, exit 130, having said so on the terminal as it was
-    before any capture. `said` is set by whoever printed the message, so it is printed once."""
+    is still there `grace_s` later (in two whole-suite runs a run was still printing its progress a
+    minute after Ctrl-C, for a reason not found), it leaves, exit 130, having said so on the
+    terminal as it was before any capture. `said` is set by whoever printed the message, so it is
+    printed once."""
 
     def __init__(self, grace_s: float = INTERRUPT_GRACE_S) -> None:
         self.grace_s = grace_s
@@ -156,6 +158,13 @@ class Interrupt:
         if not self.said:
             os.write(self._terminal, (INTERRUPTED + "\n").encode())
         os._exit(130)
+
+
+def captured(
+    console: Console | None, layout: OutputLayout, fingerprint: str
+) -> contextlib.AbstractContextManager[None]:
+    """A run's capture into its `run_log`, or nothing without a console (a library caller's run)."""
+    return console.capture(run_log(layout, fingerprint)) if console else contextlib.nullcontext()
 
 
 def run_log(layout: OutputLayout, fingerprint: str) -> Path:

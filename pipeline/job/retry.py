@@ -29,7 +29,6 @@ import io
 import json
 import tarfile
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +39,7 @@ import pyarrow.parquet as pq
 from pipeline.core.storage import Location, read_parquet
 from pipeline.core.tars import read_jpegs
 from pipeline.curate.dedup import DuplicateIndex
-from pipeline.job.console import Console, run_log
+from pipeline.job.console import Console, captured
 from pipeline.job.output_guard import lock_output
 from pipeline.job.runner import JobResult, run_job
 from pipeline.output.job_output import JobOutput, OutputError
@@ -95,10 +94,7 @@ def retry_failed(
         fates = count_fates([])
         if retried:
             log(f"capfilt: retrying {retried} rows whose download failed")
-            captured = (
-                console.capture(run_log(output.layout, spec.fingerprint())) if console else nullcontext()
-            )
-            with captured:
+            with captured(console, output.layout, spec.fingerprint()):
                 job = _run_retry_job(output, spec, work, address, log, console)
             results = _RetryJob(job, spec.output.shard_size)
             writer = ShardWriter.of(spec, output.layout, output.embedding_size())

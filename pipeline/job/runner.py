@@ -45,7 +45,7 @@ from pipeline.ingest.download import ShardDownload
 from pipeline.ingest.prepared_list import PreparedList, PrepareFailed
 from pipeline.ingest.url_list import ListPreparation, check_columns, refuse_other_downloads
 from pipeline.ingest.urlpolicy import NetworkPolicy
-from pipeline.job.console import Console, run_log
+from pipeline.job.console import Console, captured
 from pipeline.job.output_guard import claim_output
 from pipeline.job.progress import JobProgress
 from pipeline.output.manifest import build_manifest, check_accounting, write_manifest
@@ -116,11 +116,6 @@ class _Voice:
     detail: Log
     console: Console | None
 
-    def captured(self, layout: OutputLayout, fingerprint: str) -> contextlib.AbstractContextManager[None]:
-        if self.console is None:
-            return contextlib.nullcontext()
-        return self.console.capture(run_log(layout, fingerprint))
-
     def show(self, progress: JobProgress) -> None:
         if self.console is not None:
             self.console.show(progress)
@@ -144,7 +139,7 @@ def _run_claimed(spec: JobSpec, layout: OutputLayout, address: str | None, voice
         downloaded=bool(downloaded),
         settings=spec.download_settings(),
     )
-    with voice.captured(layout, fingerprint), ray_session(address):
+    with captured(voice.console, layout, fingerprint), ray_session(address):
         rows = preparation.rows
         names = [shard_name(i) for i in range(math.ceil(rows / spec.output.shard_size))]
         reports = layout.finished_reports(names, fingerprint)
@@ -336,8 +331,7 @@ def _stream(
                 if chunk["error"]:
                     fail(name, f"caption/filter failed: {chunk['error']}")
                     continue
-                outcome.timings.add_chunk(chunk, chunk["ready_at"] - started_at)
-                watch.progress.scored(sum(1 for err in chunk["decode_errors"] if not err))
+                watch.progress.scored(outcome.timings.add_chunk(chunk, chunk["ready_at"] - started_at))
                 arrived[name][chunk["chunk"]] = chunk
                 if len(arrived[name]) == chunk["chunks"]:
                     finish(name, list(arrived.pop(name).values()))
