@@ -23,6 +23,7 @@ from pipeline.synthetic.dedup_bench import (
     COPY_KINDS,
     NEAR_THRESHOLDS,
     format_dedup_report,
+    meets_target,
     planted_copy,
     run_dedup_bench,
 )
@@ -255,6 +256,14 @@ def _fates_by_name(root) -> dict[str, str]:
     return {r["url"].rsplit("/", 1)[1]: r["status"] for r in read_records(OutputLayout(root))}
 
 
+def test_the_target_needs_recall_on_all_and_on_altered_copies_and_few_false_merges():
+    met = {"recall_all": 0.96, "recall_altered": 0.95, "false_merge_rate": 0.01}
+    assert meets_target(met)
+    assert not meets_target({**met, "recall_altered": 0.94})  # exact copies alone cannot carry it
+    assert not meets_target({**met, "recall_all": None})
+    assert not meets_target({**met, "false_merge_rate": 0.011})
+
+
 def test_planted_copies_are_what_their_kind_says():
     rng = np.random.default_rng(0)
     jpeg = jpeg_bytes(render_scene(7, size=64)[0])
@@ -282,9 +291,12 @@ def test_the_dedup_bench_finds_every_exact_copy_and_merges_nothing_else(tmp_path
     assert job["recall"]["byte_copy"] == job["recall"]["lossless"] == 1.0
     assert job["recall"]["recompressed"] == job["recall"]["cropped"] == 0.0  # other pixels: no exact copy
     assert job["false_merges"] == 0
+    assert job["recall_altered"] == 0.0 and not job["meets_target"]
     assert report["sweep"]["None"] == job  # the replay decides as the job did
     assert set(report["sweep"]) == {str(t) for t in NEAR_THRESHOLDS}
-    assert "byte_copy" in format_dedup_report(report)
+    assert "byte_copy" in format_dedup_report(report) and "target: recall >= 0.95" in format_dedup_report(
+        report
+    )
 
 
 @pytest.mark.usefixtures("ray_local")

@@ -237,11 +237,17 @@ def _itm_logits(
 def _itm_loss(model: BlipForImageTextRetrieval, processor: BlipProcessor, pixel_values: torch.Tensor,
               scenes: list[Scene], rng: np.random.Generator) -> torch.Tensor:  # fmt: skip
     """One matched and one mismatched caption per image; the vision tower runs once per image."""
+    image_embeds = model.vision_model(pixel_values=pixel_values)[0]
+    return itm_loss_of(model, processor, image_embeds, scenes, rng)
+
+
+def itm_loss_of(model: BlipForImageTextRetrieval, processor: BlipProcessor, image_embeds: torch.Tensor,
+                scenes: list[Scene], rng: np.random.Generator) -> torch.Tensor:  # fmt: skip
+    """`_itm_loss` on the vision tower's output, for a loss that shares the vision pass with it."""
     texts = [describe(scene, rng) for scene in scenes]
     texts += [_negative(scene, rng) for scene in scenes]
     texts = [normalise_caption(text, ITM_TEXT) for text in texts]
     labels = torch.tensor([1] * len(scenes) + [0] * len(scenes))
-    image_embeds = model.vision_model(pixel_values=pixel_values)[0]
     first_token = first_token_id(processor.tokenizer, ITM_TEXT)
     logits = _itm_logits(
         model, processor.tokenizer, torch.cat([image_embeds, image_embeds]), texts, first_token
