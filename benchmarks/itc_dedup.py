@@ -45,10 +45,10 @@ from pipeline.curate.preprocess import PreprocessStage
 from pipeline.spec.config import CaptionerSpec, FilterSpec
 from pipeline.synthetic.dedup_bench import ALTERED_KINDS, planted_copy
 from pipeline.synthetic.pixels import IMAGE_SIZE, scene_jpeg, stored_pixels
-from pipeline.synthetic.splits import clean_split, eval_split
+from pipeline.synthetic.splits import clean_split, eval_split, with_other_value
 from pipeline.synthetic.train import ITM_TEXT, TrainConfig, _fit, _itm_from_captioner, itm_loss_of
 from pipeline.synthetic.trained import shipped_models
-from pipeline.synthetic.world import ALL_VALUES, ATTRIBUTES, Scene, describe, random_scene
+from pipeline.synthetic.world import ATTRIBUTES, Scene, describe, random_scene
 
 STEPS = 3000
 ITC_TEMPERATURE = 0.07  # BLIP's initial temperature
@@ -88,8 +88,7 @@ def train_filter(out: Path) -> None:
 
 def twin(scene: Scene, rng: np.random.Generator) -> Scene:
     for name in TWIN_SWAPS[int(rng.integers(len(TWIN_SWAPS)))]:
-        others = [v for v in ALL_VALUES[name] if v != getattr(scene, name)]
-        scene = scene.with_attribute(name, others[int(rng.integers(len(others)))])
+        scene = with_other_value(scene, name, rng)
     return scene
 
 

@@ -106,7 +106,11 @@ def corrupt(scene: Scene, kind: str, rng: np.random.Generator) -> str:
 
 def swap_one_attribute(scene: Scene, rng: np.random.Generator) -> Scene:
     """The same scene with exactly one attribute changed to another value."""
-    name = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+    return with_other_value(scene, ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))], rng)
+
+
+def with_other_value(scene: Scene, name: str, rng: np.random.Generator) -> Scene:
+    """The same scene with attribute `name` changed to another of its values, drawn at random."""
     others = [v for v in ALL_VALUES[name] if v != getattr(scene, name)]
     return scene.with_attribute(name, others[int(rng.integers(len(others)))])
 
